@@ -1,0 +1,137 @@
+"""The synthetic world the bundled demo model draws, and the image analysis that grades it.
+
+One uniform background colour, one filled axis-aligned object (circle, square or an
+isosceles triangle pointing up) with a side or diameter of 30-50% of the image, placed
+at a named position or anywhere. Rendering and grading live together so the training
+data and the evaluation can never disagree about the world.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+# Object centre as a fraction of width and height.
+POSITIONS: dict[str, tuple[float, float]] = {
+    "center": (0.5, 0.5),
+    "top left": (0.28, 0.28),
+    "top right": (0.72, 0.28),
+    "bottom left": (0.28, 0.72),
+    "bottom right": (0.72, 0.72),
+}
+POSITION_JITTER = 0.03
+VOCABULARY = sorted(
+    {"a", "on", "in", "the", "background"}
+    | set(COLORS)
+    | set(SHAPES)
+    | {w for p in POSITIONS for w in p.split()}
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    color: str
+    shape: str
+    background: str
+    position: str | None  # None: the prompt names no position and the object may be anywhere
+
+    @property
+    def prompt(self) -> str:
+        where = f" in the {self.position}" if self.position else ""
+        return f"a {self.color} {self.shape}{where} on a {self.background} background"
+
+
+def random_scene(rng: random.Random, position_prob: float = 0.5) -> Scene:
+    color, background = rng.sample(sorted(COLORS), 2)
+    position = rng.choice(sorted(POSITIONS)) if rng.random() < position_prob else None
+    return Scene(color, rng.choice(SHAPES), background, position)
+
+
+def render(scene: Scene, size: int, rng: random.Random, supersample: int = 2) -> np.ndarray:
+    """Draw ``scene`` as a ``size`` x ``size`` uint8 RGB array (anti-aliased by supersampling)."""
+    extent = rng.uniform(0.30, 0.50)  # side or diameter, as a fraction of the image
+    half = extent / 2
+    if scene.position is None:
+        cx, cy = rng.uniform(half, 1 - half), rng.uniform(half, 1 - half)
+    else:
+        px, py = POSITIONS[scene.position]
+        cx = px + rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+        cy = py + rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+    n = size * supersample
+    coords = (np.arange(n, dtype=np.float32) + 0.5) / n
+    x, y = coords[None, :], coords[:, None]
+    if scene.shape == "circle":
+        mask = (x - cx) ** 2 + (y - cy) ** 2 <= half**2
+    elif scene.shape == "square":
+        mask = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
+    else:  # triangle: apex at the top centre, base at the bottom
+        top = cy - half
+        depth = (y - top) / extent  # 0 at the apex, 1 at the base
+        mask = (depth >= 0) & (depth <= 1) & (np.abs(x - cx) <= depth * half)
+    fg = np.array(COLORS[scene.color], np.float32)
+    bg = np.array(COLORS[scene.background], np.float32)
+    img = np.where(mask[..., None], fg, bg)
+    img = img.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    names = list(COLORS)
+    dists = [float(np.sum((np.asarray(COLORS[n], np.float32) - rgb) ** 2)) for n in names]
+    return names[int(np.argmin(dists))]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    background: str
+    color: str | None
+    shape: str | None
+    position: str | None
+    fill_ratio: float
+
+
+def analyze(image: np.ndarray) -> Analysis:
+    """Read background colour, object colour, shape and position off an RGB image."""
+    img = np.asarray(image, dtype=np.float32)[..., :3]
+    h, w = img.shape[:2]
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    bg_rgb = np.median(border, axis=0)
+    background = nearest_color(bg_rgb)
+    diff = np.sqrt(((img - np.asarray(COLORS[background], np.float32)) ** 2).sum(-1))
+    mask = diff > 60.0
+    if mask.sum() < 0.01 * h * w:
+        return Analysis(background, None, None, None, 0.0)
+    color = nearest_color(np.median(img[mask], axis=0))
+    # Keep only the pixels of the object's own colour for the geometry.
+    obj = np.sqrt(((img - np.asarray(COLORS[color], np.float32)) ** 2).sum(-1)) < 80.0
+    if obj.sum() < 0.01 * h * w:
+        obj = mask
+    ys, xs = np.nonzero(obj)
+    y0, y1 = np.percentile(ys, [1, 99])
+    x0, x1 = np.percentile(xs, [1, 99])
+    box_area = max((y1 - y0 + 1) * (x1 - x0 + 1), 1.0)
+    fill = float(obj.sum() / box_area)
+    # Filled fraction of the bounding box: square 1.0, circle pi/4, triangle 0.5.
+    if fill > 0.89:
+        shape = "square"
+    elif fill > 0.64:
+        shape = "circle"
+    else:
+        shape = "triangle"
+    cx = (x0 + x1) / 2 / w
+    cy = (y0 + y1) / 2 / h
+    position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
+    return Analysis(background, color, shape, position, fill)

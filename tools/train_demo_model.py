@@ -1,0 +1,360 @@
+"""Train the bundled demo model: a small Stable-Diffusion-format latent diffusion model.
+
+The data is drawn procedurally (tools/demo_world.py): one coloured shape on a plain
+background, captioned "a red circle in the top left on a blue background". Training is
+in two stages, as for Stable Diffusion itself (Rombach et al. 2022, arXiv 2112.10752):
+
+1. an AutoencoderKL with f=8 and 4 latent channels (reconstruction + a small KL term);
+2. a UNet2DConditionModel and a CLIP text encoder, trained together from scratch on the
+   frozen autoencoder's latents with the epsilon objective and the SD 1.x noise schedule,
+   with 10% empty captions so classifier-free guidance works, Min-SNR loss weighting
+   (Hang et al. 2023, arXiv 2303.09556) and an EMA of the weights.
+
+The result is a diffusers folder loaded by exactly the code path that loads Stable
+Diffusion. Seeded and reproducible on the same machine and library versions.
+
+    python tools/train_demo_model.py                 # full run, writes assets/demo-model
+    python tools/train_demo_model.py --smoke --out /tmp/demo   # same code, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from pipelines.tokenizer_files import write_clip_tokenizer  # noqa: E402
+from tools.demo_world import VOCABULARY, random_scene, render  # noqa: E402
+
+log = logging.getLogger("train_demo_model")
+
+# The SD 1.x noise schedule, so every sampler of the studio treats the demo model like SD.
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def build_vae(size: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=size,
+    )
+
+
+def build_text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        projection_dim=128,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(size: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=size // 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        # No attention at full latent resolution: 1024-token self-attention would cost
+        # more than the rest of the UNet on a CPU; position and colour are carried by
+        # cross-attention at 16x16 and 8x8.
+        block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=128,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HWC images -> float NCHW in [-1, 1], as the VAE expects."""
+    arr = np.stack(images).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def train_vae(vae: AutoencoderKL, args, rng: random.Random) -> dict:
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    crop = min(args.vae_crop, args.size)
+    vae.train()
+    last = {}
+    bar = tqdm(range(args.vae_steps), desc="vae", disable=args.quiet)
+    for step in bar:
+        lr = args.vae_lr * 0.5 * (1 + math.cos(math.pi * step / max(args.vae_steps, 1)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        images = []
+        for _ in range(args.vae_batch):
+            img = render(random_scene(rng), args.size, rng)
+            y, x = rng.randrange(args.size - crop + 1), rng.randrange(args.size - crop + 1)
+            images.append(img[y : y + crop, x : x + crop])
+        batch = to_tensor(images)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        l1 = (recon - batch).abs().mean()
+        mse = F.mse_loss(recon, batch)
+        kl = posterior.kl().mean() / (4 * (crop // 8) ** 2)
+        loss = l1 + mse + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        last = {"vae_l1": float(l1), "vae_mse": float(mse), "vae_kl": float(kl)}
+        if step % 20 == 0:
+            bar.set_postfix(l1=f"{l1.item():.4f}")
+    vae.eval()
+    return last
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, args, rng: random.Random) -> tuple[torch.Tensor, list]:
+    scenes, latents = [], []
+    bar = tqdm(range(0, args.dataset, 32), desc="encode", disable=args.quiet)
+    for start in bar:
+        n = min(32, args.dataset - start)
+        batch_scenes = [random_scene(rng, position_prob=0.6) for _ in range(n)]
+        images = [render(s, args.size, rng) for s in batch_scenes]
+        latents.append(vae.encode(to_tensor(images)).latent_dist.mean)
+        scenes += batch_scenes
+    return torch.cat(latents), scenes
+
+
+@torch.no_grad()
+def heldout_reconstruction_error(vae: AutoencoderKL, args) -> float:
+    """Mean absolute error, in 0-255 levels, of full-size reconstructions of unseen scenes."""
+    rng = random.Random(args.seed + 1)
+    images = [render(random_scene(rng), args.size, rng) for _ in range(8)]
+    batch = to_tensor(images)
+    recon = vae.decode(vae.encode(batch).latent_dist.mode()).sample.clamp(-1, 1)
+    err = float(((recon - batch).abs() * 127.5).mean())
+    log.info("VAE held-out reconstruction error: %.2f levels", err)
+    return err
+
+
+def caption(scene, rng: random.Random, drop_prob: float) -> str:
+    if rng.random() < drop_prob:
+        return ""  # unconditional, for classifier-free guidance
+    if scene.position is not None and rng.random() < 0.25:
+        # A positioned object is also a valid picture of the position-free prompt.
+        return type(scene)(scene.color, scene.shape, scene.background, None).prompt
+    return scene.prompt
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for epsilon prediction (arXiv 2303.09556, eq. 8)."""
+    alphas_cumprod = scheduler.alphas_cumprod[timesteps]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: random.Random) -> dict:
+    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
+        p.requires_grad_(False)
+    unet.train()
+    text_encoder.train()
+    gen = torch.Generator().manual_seed(args.seed)
+    warmup = max(1, min(200, args.unet_steps // 10))
+    losses: list[float] = []
+    bar = tqdm(range(args.unet_steps), desc="unet+text", disable=args.quiet)
+    for step in bar:
+        lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(scenes), (args.batch,), generator=gen)
+        x0 = latents[idx] * args.scaling_factor
+        prompts = [caption(scenes[int(i)], rng, args.uncond_prob) for i in idx]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=gen)
+        noisy = scheduler.add_noise(x0, noise, t)
+        cond = text_encoder(ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(scheduler, t)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema_m, m in ((ema_unet, unet), (ema_text, text_encoder)):
+                for pe, p in zip(ema_m.parameters(), m.parameters()):
+                    pe.lerp_(p, 1 - decay)
+        losses.append(float(loss))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+    unet.load_state_dict(ema_unet.state_dict())
+    text_encoder.load_state_dict(ema_text.state_dict())
+    return {"diffusion_loss_last100": float(np.mean(losses[-100:]))}
+
+
+def write_model_card(out: Path, args, stats: dict, counts: dict) -> None:
+    size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+    metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in stats.items())
+    card = f"""# SD Studio demo model
+
+A small text-to-image latent diffusion model in the Stable Diffusion 1.x diffusers format
+(UNet2DConditionModel, AutoencoderKL with f=8 and 4 latent channels, CLIP text encoder and
+tokenizer, SD 1.x scheduler config), trained from scratch by this project on procedurally
+drawn images. It draws one object (circle, square, triangle) in one of eight colours on a
+plain background of another colour, optionally at a named position:
+
+    a red circle in the top left on a blue background
+
+It exists so the studio works offline and in CI. It is not Stable Diffusion and knows
+nothing outside this world. No safety checker applies to it: its world has no people.
+
+## Architecture
+
+| component | parameters |
+|---|---|
+""" + "\n".join(f"| {k} | {v:,} |" for k, v in counts.items()) + f"""
+
+Native size {args.size}x{args.size} px ({args.size // 8}x{args.size // 8} latents). Weights in safetensors,
+{size_mb:.1f} MB in all.
+
+## Training
+
+    python tools/train_demo_model.py --seed {args.seed} --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --dataset {args.dataset} --batch {args.batch}
+
+on {torch.get_num_threads()} CPU threads, torch {torch.__version__}; it took {stats.get('train_minutes', 0):.1f} minutes.
+
+## Final metrics
+
+| metric | value |
+|---|---|
+{metrics}
+
+Prompt adherence is measured by `python tools/eval_demo_model.py` (see the project README).
+"""
+    (out / "README.md").write_text(card, encoding="utf-8")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "assets" / "demo-model"), help="output diffusers folder")
+    p.add_argument("--size", type=int, default=256, help="native image size in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-crop", type=int, default=96, help="training crop for the VAE (it is fully convolutional)")
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-5)
+    p.add_argument("--dataset", type=int, default=6000, help="number of rendered training images")
+    p.add_argument("--unet-steps", type=int, default=4500)
+    p.add_argument("--batch", type=int, default=24)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--uncond-prob", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--smoke", action="store_true", help="same code, a few steps: for CI")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.size, args.vae_steps, args.vae_batch, args.vae_crop = 64, 3, 2, 64
+        args.dataset, args.unet_steps, args.batch = 16, 3, 4
+    return args
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(out / "tokenizer", VOCABULARY))
+    vocab = tokenizer.get_vocab()
+    vae = build_vae(args.size)
+    text_encoder = build_text_encoder(len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    unet = build_unet(args.size)
+    counts = {"unet": param_count(unet), "vae": param_count(vae), "text_encoder": param_count(text_encoder)}
+    log.info("parameters: %s", counts)
+
+    stats: dict = {}
+    stats.update(train_vae(vae, args, rng))
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    stats["vae_heldout_l1_uint8"] = heldout_reconstruction_error(vae, args)
+    latents, scenes = encode_dataset(vae, args, rng)
+    # As in SD: scale latents to unit variance so the noise schedule fits them.
+    args.scaling_factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=args.scaling_factor)
+    stats["vae_scaling_factor"] = args.scaling_factor
+    stats.update(train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng))
+    stats["train_minutes"] = (time.perf_counter() - start) / 60
+
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "training.json").write_text(json.dumps({"args": vars(args), "stats": stats}, indent=2, default=str))
+    write_model_card(out, args, stats, counts)
+    log.info("wrote %s in %.1f min: %s", out, stats["train_minutes"], stats)
+    return out
+
+
+if __name__ == "__main__":
+    main()
