@@ -1,0 +1,83 @@
+"""Assemble the tabs into one Blocks app and serve it with the configured limits."""
+
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+
+from pipelines.config import AppConfig
+from pipelines.manager import PipelineManager
+
+from .common import RateLimiter, UIContext
+from .txt2img_tab import build_txt2img_tab
+
+log = logging.getLogger(__name__)
+
+CSS = """
+#notices {border-left: 4px solid #e0a800; padding-left: 0.75em;}
+"""
+
+
+def build_app(manager: PipelineManager) -> gr.Blocks:
+    """The studio page for ``manager``'s model (loads it if it is not loaded yet)."""
+    config = manager.config
+    ctx = UIContext(manager=manager, rate_limiter=RateLimiter.parse(config.rate_limit))
+    info = manager.info
+    with gr.Blocks(title="SD Studio") as app:
+        gr.Markdown(
+            f"# SD Studio\nModel **{info.source.name}** (hash `{info.hash}`) on **{info.device}**, {info.dtype}. "
+            f"Safety checker: **{manager.guard.safety_status}**."
+        )
+        notices = manager.notices()
+        if notices:
+            gr.Markdown("\n\n".join(notices), elem_id="notices")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Text to image", id="txt2img"):
+                t2i = build_txt2img_tab(ctx)
+            for builder in _optional_tabs():
+                builder(ctx, tabs, t2i)
+    app.sdstudio_context = ctx  # for tests and tools that need the registry
+    return app
+
+
+def _optional_tabs():
+    """The Upscale 2x and Large canvas tab builders, in page order."""
+    from .canvas_tab import build_canvas_tab_section
+    from .upscale_tab import build_upscale_tab_section
+
+    return [build_upscale_tab_section, build_canvas_tab_section]
+
+
+def launch_kwargs(config: AppConfig) -> dict:
+    """Arguments for ``Blocks.launch`` from the config: bind address, auth, limits, paths."""
+    from .server import auth_pairs
+
+    kwargs = dict(
+        server_name=config.server_name,
+        server_port=config.port,
+        share=config.share,
+        max_file_size=config.max_file_size,
+        # Gradio before 6.32 lets a forged Host header skip auth under SSR; never use SSR.
+        ssr_mode=False,
+        allowed_paths=[str(config.output_dir.resolve())],
+        mcp_server=config.mcp,
+        css=CSS,
+        show_error=True,
+    )
+    pairs = auth_pairs(config)
+    if pairs:
+        kwargs["auth"] = pairs
+        kwargs["auth_message"] = "SD Studio: sign in with the account the owner gave you."
+    return kwargs
+
+
+def launch(app: gr.Blocks, config: AppConfig, **overrides):
+    """Queue every device job through one worker and serve the app."""
+    app.queue(max_size=config.max_queue, default_concurrency_limit=1)
+    kwargs = launch_kwargs(config)
+    kwargs.update(overrides)
+    if config.share and not kwargs.get("auth"):
+        log.warning("--share makes a PUBLIC link: anyone who has it can use this studio and your GPU. "
+                    "Add --auth USER:PASSWORD to require a login.")
+    return app.launch(**kwargs)
