@@ -259,3 +259,15 @@ class PipelineManager:
         if any(m.get("watermark", "").startswith("skipped") for m in result.metadata):
             result.warnings.append("images under 256x256 pixels are delivered without the invisible watermark")
         return result
+
+    def upscale(self, req, control: JobControl | None = None) -> GenerationResult:
+        """Upscale ``req.image`` 2x with Real-ESRGAN; see pipelines/upscale.py."""
+        from .upscale import run_upscale
+
+        return run_upscale(self, req, control or JobControl())
+
+    def canvas(self, req, control: JobControl | None = None) -> GenerationResult:
+        """Generate a large canvas from overlapping tiles (MultiDiffusion); see pipelines/canvas.py."""
+        from .canvas import run_canvas
+
+        return run_canvas(self, req, control or JobControl())
