@@ -120,8 +120,11 @@ def check_weights_only(path: str | Path) -> None:
     torch's weights-only unpickler allows tensors, dicts and plain values and nothing that
     imports or calls code, so a malicious .ckpt fails here before anything runs.
     """
+    import zipfile
+
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap avoids reading a multi-GB file into memory just to check it (zip format only).
+        torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
