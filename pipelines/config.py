@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--safety-checker", dest="safety_checker_path", default=_env("safety_checker", None),
                    help="safety checker folder or hub id (default: the checkpoint's own, else CompVis/stable-diffusion-safety-checker)")
     o.add_argument("--safety-adjustment", type=float, default=float(_env("safety_adjustment", 0.0)),
-                   help="safety checker strictness: negative is stricter, positive more lenient (default 0)")
+                   help="safety checker strictness added to every concept score: positive is stricter, negative more lenient (default 0)")
     o.add_argument("--blocklist", default=_env("blocklist", None),
                    help="file of words and /regular expressions/ refused in prompts")
     o.add_argument("--watermark-text", default=_env("watermark_text", DEFAULT_WATERMARK),

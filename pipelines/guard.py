@@ -95,7 +95,7 @@ class SafetyFilter:
     The checker compares the CLIP image embedding with 17 concept embeddings (and 3
     "special care" ones) by cosine similarity against per-concept thresholds. diffusers
     hard-codes ``adjustment = 0``; we apply the user's value to the same comparison:
-    negative is stricter, positive more lenient.
+    positive is stricter (more images flagged), negative more lenient.
     """
 
     def __init__(self, checker, feature_extractor, adjustment: float = 0.0, device: str = "cpu"):

@@ -287,18 +287,20 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "assets" / "demo-model"), help="output diffusers folder")
     p.add_argument("--size", type=int, default=256, help="native image size in pixels")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-crop", type=int, default=96, help="training crop for the VAE (it is fully convolutional)")
     p.add_argument("--vae-lr", type=float, default=3e-4)
     p.add_argument("--vae-kl", type=float, default=1e-5)
     p.add_argument("--dataset", type=int, default=6000, help="number of rendered training images")
-    p.add_argument("--unet-steps", type=int, default=4500)
+    p.add_argument("--unet-steps", type=int, default=3500)
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--uncond-prob", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine, 2 threads stall on each other)")
+    p.add_argument("--resume-vae", action="store_true", help="reuse OUT/vae-stage1 from an interrupted run")
     p.add_argument("--smoke", action="store_true", help="same code, a few steps: for CI")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -330,7 +332,17 @@ def main(argv=None) -> Path:
     log.info("parameters: %s", counts)
 
     stats: dict = {}
-    stats.update(train_vae(vae, args, rng))
+    stage1 = out / "vae-stage1"
+    if args.resume_vae and (stage1 / "config.json").is_file():
+        # Stage 1 done by an earlier run with the same seed: reuse it (the RNG is re-seeded
+        # so stage 2 sees the same data as a run that trained the VAE itself would not,
+        # which is recorded in training.json).
+        vae = AutoencoderKL.from_pretrained(stage1)
+        stats["vae_resumed_from"] = str(stage1)
+        log.info("resumed the VAE from %s", stage1)
+    else:
+        stats.update(train_vae(vae, args, rng))
+        vae.save_pretrained(stage1)
     for p in vae.parameters():
         p.requires_grad_(False)
     stats["vae_heldout_l1_uint8"] = heldout_reconstruction_error(vae, args)
@@ -353,6 +365,10 @@ def main(argv=None) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    if stage1.exists():
+        import shutil
+
+        shutil.rmtree(stage1)
     (out / "training.json").write_text(json.dumps({"args": vars(args), "stats": stats}, indent=2, default=str))
     write_model_card(out, args, stats, counts)
     log.info("wrote %s in %.1f min: %s", out, stats["train_minutes"], stats)
