@@ -98,21 +98,18 @@ class SRArchitecture:
 
     def build(self) -> torch.nn.Module:
         """A freshly initialised network of this architecture."""
-        if self.kind == "RRDBNet":
-            from .compat import install_functional_tensor_shim
+        if self.kind not in ("RRDBNet", "SRVGGNetCompact"):
+            raise UpscalerWeightsError(f"unknown upscaler architecture {self.kind!r} (known: RRDBNet, SRVGGNetCompact)")
+        from .compat import install_functional_tensor_shim
 
-            install_functional_tensor_shim()
+        install_functional_tensor_shim()  # basicsr's package import needs it (pipelines/compat.py)
+        if self.kind == "RRDBNet":
             from basicsr.archs.rrdbnet_arch import RRDBNet
 
             return RRDBNet(**self.options)
-        if self.kind == "SRVGGNetCompact":
-            from .compat import install_functional_tensor_shim
+        from realesrgan.archs.srvgg_arch import SRVGGNetCompact
 
-            install_functional_tensor_shim()
-            from realesrgan.archs.srvgg_arch import SRVGGNetCompact
-
-            return SRVGGNetCompact(**self.options)
-        raise UpscalerWeightsError(f"unknown upscaler architecture {self.kind!r} (known: RRDBNet, SRVGGNetCompact)")
+        return SRVGGNetCompact(**self.options)
 
     def to_json(self) -> str:
         return json.dumps({"kind": self.kind, "options": self.options}, sort_keys=True)
@@ -222,13 +219,14 @@ def is_offline(config: AppConfig) -> bool:
     return config.offline or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
-def download_official_x2plus(target: Path) -> None:
-    """Download the official RealESRGAN_x2plus release file to ``target`` (atomically)."""
+def download_official_x2plus(target: Path, url: str = OFFICIAL_X2PLUS_URL) -> None:
+    """Download the official RealESRGAN_x2plus release file to ``target`` (atomically: a failed
+    download leaves nothing behind)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s to %s", OFFICIAL_X2PLUS_URL, target)
+    log.info("downloading %s to %s", url, target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(OFFICIAL_X2PLUS_URL, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
         os.replace(tmp, target)
@@ -282,7 +280,8 @@ def describe_weight_choice(config: AppConfig) -> str:
             "images; pass --sr-weights RealESRGAN_x2plus.pth for the real one)")
     if is_offline(config):
         return demo
-    return f"the official RealESRGAN_x2plus weights, downloaded into `{cached.parent}` on first use (if that fails: {demo})"
+    return (f"the official RealESRGAN_x2plus weights, downloaded into `{cached.parent}` on first use "
+            f"(if that fails: {demo})")
 
 
 def _file_sha256(path: Path) -> str:
@@ -449,8 +448,9 @@ def tile_forward(model: torch.nn.Module, image: torch.Tensor, tile: int, tile_pa
             output_tile = model(input_tile)
         if output is None:
             output = image.new_zeros((image.shape[0], output_tile.shape[1], height * scale, width * scale))
-        output[:, :, box.output_start_y:box.output_end_y, box.output_start_x:box.output_end_x] = \
-            output_tile[:, :, box.output_start_y_tile:box.output_end_y_tile, box.output_start_x_tile:box.output_end_x_tile]
+        tile_centre = output_tile[:, :, box.output_start_y_tile:box.output_end_y_tile,
+                                  box.output_start_x_tile:box.output_end_x_tile]
+        output[:, :, box.output_start_y:box.output_end_y, box.output_start_x:box.output_end_x] = tile_centre
     return output
 
 
@@ -603,7 +603,9 @@ def load_input_image(image: Any, *, max_pixels: int) -> SourceImage:
                 f"the limit is {max_pixels:,} pixels"
             ) from None
         except UnidentifiedImageError:
-            raise ValueError(f"image '{name}' is not a PNG, JPEG or WebP image (its contents are not an image)") from None
+            raise ValueError(
+                f"image '{name}' is not a PNG, JPEG or WebP image (its contents are not an image)"
+            ) from None
         if im.format not in INPUT_FORMATS:
             raise ValueError(f"image '{name}' must be PNG, JPEG or WebP, got {im.format}")
         _check_pixel_limit(name, im.width, im.height, max_pixels)
@@ -651,7 +653,7 @@ def build_esrganer(network: torch.nn.Module, *, device: str, half: bool):
     real_esrganer = import_realesrgan().RealESRGANer
 
     class LoadedESRGANer(real_esrganer):
-        def __init__(self, model: torch.nn.Module):  # noqa: D401 - same attributes as RealESRGANer.__init__
+        def __init__(self, model: torch.nn.Module):  # sets the attributes RealESRGANer.__init__ sets
             self.scale = SCALE
             self.tile_size = 0
             self.tile_pad = 0

@@ -139,7 +139,8 @@ def markdown_table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", default=str(DEMO_UPSCALER), help="x2 weights (.pth or .safetensors); default: the bundled demo")
+    parser.add_argument("--weights", default=str(DEMO_UPSCALER),
+                        help="x2 weights (.pth or .safetensors); default: the bundled demo")
     parser.add_argument("--images", nargs="*", default=list(EVAL_IMAGES), help="scikit-image sample image names")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tile", type=int, default=0, help="tile size (0 = automatic)")

@@ -83,7 +83,8 @@ def make_pairs(images: dict[str, np.ndarray], scales=HR_SCALES) -> tuple[list, l
             for scale in scales:
                 h, w = part.shape[:2]
                 size = (max(2, round(w * scale)), max(2, round(h * scale)))
-                resized = part if scale == 1.0 else np.asarray(Image.fromarray(part).resize(size, Image.Resampling.LANCZOS))
+                resized = part if scale == 1.0 else np.asarray(
+                    Image.fromarray(part).resize(size, Image.Resampling.LANCZOS))
                 high = mod_crop(np.ascontiguousarray(resized))
                 if min(high.shape[:2]) >= 16:
                     bucket.append((high, bicubic_downscale(high)))
@@ -114,7 +115,8 @@ def sample_batch(pairs: list, rng: np.random.Generator, batch: int, patch: int) 
     return to_tensor(lows), to_tensor(highs)
 
 
-def least_squares_filters(pairs: list, rng: np.random.Generator, samples: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+def least_squares_filters(pairs: list, rng: np.random.Generator,
+                          samples: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
     """The best linear 3x3 x2 upsampler for the degradation, by least squares.
 
     For each of the four output phases (i, j): weights over the 3x3 low-resolution
