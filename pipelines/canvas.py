@@ -48,9 +48,10 @@ MAX_TILE_FACTOR = 2
 # (an overlap of tile - 8 on a 4096x1024 canvas would be 29,000 views).
 MAX_VIEWS = 1024
 # Canvases over this many pixels decode in the VAE's own overlapping tiles. The SD 1.x VAE
-# decoder's peak memory grows linearly with the pixels (measured in tools/bench_canvas.py
-# --vae-memory): about 2.2 GiB at 1024x1024 in fp16, 8.5 GiB at 2048x2048, 17 GiB at 4096x1024.
-# 1 megapixel fits an 8 GB card next to the UNet; tiled decoding stays near the 512x512 figure.
+# decoder's peak memory grows linearly with the pixels (tools/bench_canvas.py --memory, fp16, H200):
+# 0.6 GiB at 512x512, 2.4 GiB at 1024x1024, 4.8 GiB at 2048x1024, 9.5 GiB at 2048x2048, while
+# tiled decoding stays at 0.6 GiB for all of them but takes 2-3x as long and can show faint tile
+# edges. 1 megapixel decodes directly next to the 2 GiB of fp16 weights on an 8 GB card.
 DIRECT_DECODE_MAX_PIXELS = 1024 * 1024
 # Width of the Gaussian feather, as a fraction of the ramp: the weight at the tile's edge is
 # exp(-0.5 / 0.3**2) ~= 0.004, small but never 0, so every latent pixel keeps a weight.
@@ -226,6 +227,25 @@ class MultiDiffusionPipeline(StableDiffusionPipeline):
     A canvas equal to one tile runs exactly the computation of ``StableDiffusionPipeline`` with
     the same generator, so it gives the same pixels as Text to image.
     """
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs) -> "MultiDiffusionPipeline":
+        """``DiffusionPipeline.from_pipe`` that leaves the shared modules in their own dtypes.
+
+        diffusers casts every module of the new pipeline to float32 when no dtype is given, and
+        the modules are the loaded pipeline's own objects: Text to image would silently switch
+        from fp16 to fp32 (twice the memory, slower) after the first canvas.
+        """
+        if "torch_dtype" in kwargs or "dtype" in kwargs:
+            return super().from_pipe(pipeline, **kwargs)
+        dtypes = {name: module.dtype for name, module in pipeline.components.items()
+                  if isinstance(module, torch.nn.Module)}
+        new = super().from_pipe(pipeline, dtype=pipeline.unet.dtype, **kwargs)
+        for name, dtype in dtypes.items():
+            module = getattr(new, name)
+            if module.dtype != dtype:
+                module.to(dtype)
+        return new
 
     @property
     def native_size(self) -> int:

@@ -120,6 +120,16 @@ def test_pipeline_shares_the_loaded_components(manager):
     assert manager.load_count == 1
 
 
+def test_canvas_pipeline_keeps_the_shared_modules_in_their_dtype(tiny_model_dir, tmp_path):
+    # diffusers' from_pipe would cast the shared UNet/VAE/text encoder to fp32 (Text to image too).
+    bf16 = PipelineManager(AppConfig(model=str(tiny_model_dir), output_dir=tmp_path, safety_checker=False,
+                                     device="cpu", dtype="bf16"))
+    pipe = bf16.derived_pipeline(MultiDiffusionPipeline)
+    for module in (bf16.pipe.unet, bf16.pipe.vae, bf16.pipe.text_encoder):
+        assert module.dtype == torch.bfloat16
+    assert pipe.unet is bf16.pipe.unet
+
+
 def test_large_canvas_decodes_in_vae_tiles_and_restores_the_shared_vae(manager):
     pipe = manager.derived_pipeline(MultiDiffusionPipeline)
     latents = torch.randn((1, 4, 12, 20), generator=torch.Generator().manual_seed(0))
