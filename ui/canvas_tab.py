@@ -72,16 +72,19 @@ def build_canvas_tab_section(ctx: UIContext, tabs, t2i) -> GalleryOutputs:
     native = manager.native_size
     config = manager.config
     max_side = config.max_canvas_side
+
     def show_grid(width, height, tile_size, tile_overlap, tile_batch_size):
+        """The tile-grid picture and its summary line, or the reason the sizes are not a valid canvas."""
         try:
             w, h = as_int("width", width), as_int("height", height)
             tile, overlap = as_int("tile_size", tile_size), as_int("tile_overlap", tile_overlap)
+            batch = as_int("tile_batch_size", tile_batch_size)
             CanvasRequest(prompt="grid", width=w, height=h, tile_size=tile, tile_overlap=overlap).check(
                 config.max_canvas_side, config.max_canvas_pixels)
             tiling = resolve_tiling(w, h, tile, overlap, native)
         except ValueError as exc:
             return gr.update(), f"**Not a valid canvas:** {exc}"
-        summary = grid_summary(w, h, tile, overlap, len(tiling.views), max(1, as_int("tile_batch_size", tile_batch_size)))
+        summary = grid_summary(w, h, tile, overlap, len(tiling.views), max(1, batch))
         return draw_tile_grid(w, h, tile, overlap), summary
 
     with gr.Tab("Large canvas", id="canvas"):
