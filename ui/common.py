@@ -176,3 +176,16 @@ def free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def validated_by_request(*components):
+    """Let the request's ``check()`` validate these numeric inputs instead of Gradio.
+
+    Gradio's own Slider/Number preprocessing raises "Value 0 is less than minimum value 1."
+    without naming the field, lets NaN through, and rounds to the component's precision (so
+    an API call with steps=2.5 would silently run 2 steps). Passing the raw value through
+    means every bad value is refused by ``check()``/``as_int`` with the field's name.
+    """
+    for component in components:
+        component.preprocess = lambda payload: payload  # instance attribute shadows the method
+    return components

@@ -8,7 +8,7 @@ import gradio as gr
 
 from pipelines.requests import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SEED, MAX_STEPS, SAMPLERS, Txt2ImgRequest
 
-from .common import UIContext, as_float, as_int, run_job
+from .common import UIContext, as_float, as_int, run_job, validated_by_request
 
 DEMO_EXAMPLES = [
     "a red circle on a blue background",
@@ -63,6 +63,7 @@ def build_txt2img_tab(ctx: UIContext) -> GalleryOutputs:
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, maximum=MAX_SEED)
                 batch_size = gr.Slider(1, MAX_BATCH_SIZE, value=1, step=1, label="Batch size")
                 batch_count = gr.Slider(1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count")
+            validated_by_request(steps, guidance_scale, width, height, seed, batch_size, batch_count)
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="txt2img-generate")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="txt2img-cancel")
