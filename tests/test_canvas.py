@@ -162,6 +162,19 @@ def test_invalid_fields_are_named_with_their_value(manager, fields, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(blend="hard"), "blend must be one of uniform, cosine, gaussian, got 'hard'"),
+    (dict(tile_batch_size=0), "tile_batch_size must be a whole number of at least 1, got 0"),
+    (dict(output_type="np"), "output_type must be 'pil' or 'latent', got 'np'"),
+    (dict(tile_size=64, tile_overlap=8 * 9), "tile_overlap must be a multiple of 8 from 0 to below tile_size (64), got 72"),
+])
+def test_pipeline_called_directly_names_bad_arguments(manager, kwargs, message):
+    pipe = manager.derived_pipeline(MultiDiffusionPipeline)
+    with pytest.raises(ValueError) as info:
+        pipe(PROMPT, height=64, width=128, num_inference_steps=1, **kwargs)
+    assert message in str(info.value)
+
+
 def test_gradio_api_canvas(manager, tmp_path):
     """The /canvas endpoint through gradio_client, with the request fields as parameter names."""
     from gradio_client import Client
