@@ -53,6 +53,7 @@ def launch_kwargs(config: AppConfig) -> dict:
     """Arguments for ``Blocks.launch`` from the config: bind address, auth, limits, paths."""
     from .server import auth_pairs
 
+    config.output_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(
         server_name=config.server_name,
         server_port=config.port,
