@@ -111,17 +111,20 @@ def analyze(image: np.ndarray) -> Analysis:
     bg_rgb = np.median(border, axis=0)
     background = nearest_color(bg_rgb)
     diff = np.sqrt(((img - np.asarray(COLORS[background], np.float32)) ** 2).sum(-1))
-    mask = diff > 60.0
+    mask = diff > 35.0
     if mask.sum() < 0.01 * h * w:
         return Analysis(background, None, None, None, 0.0)
     color = nearest_color(np.median(img[mask], axis=0))
-    # Keep only the pixels of the object's own colour for the geometry.
-    obj = np.sqrt(((img - np.asarray(COLORS[color], np.float32)) ** 2).sum(-1)) < 80.0
+    # For the geometry keep the pixels nearer the object's colour than the background's
+    # (yellow and orange are only ~70 apart, so a fixed radius would not separate them).
+    obj = np.sqrt(((img - np.asarray(COLORS[color], np.float32)) ** 2).sum(-1)) < diff
     if obj.sum() < 0.01 * h * w:
         obj = mask
-    ys, xs = np.nonzero(obj)
-    y0, y1 = np.percentile(ys, [1, 99])
-    x0, x1 = np.percentile(xs, [1, 99])
+    # Bounding box over rows/columns holding at least 2 object pixels (ignores lone specks).
+    rows, cols = np.nonzero(obj.sum(1) >= 2)[0], np.nonzero(obj.sum(0) >= 2)[0]
+    if len(rows) == 0 or len(cols) == 0:
+        return Analysis(background, color, None, None, 0.0)
+    y0, y1, x0, x1 = rows[0], rows[-1], cols[0], cols[-1]
     box_area = max((y1 - y0 + 1) * (x1 - x0 + 1), 1.0)
     fill = float(obj.sum() / box_area)
     # Filled fraction of the bounding box: square 1.0, circle pi/4, triangle 0.5.

@@ -1,0 +1,120 @@
+"""Prompt adherence of the bundled demo model, in the spirit of GenEval (Ghosh et al. 2023).
+
+For N prompts of the demo world with fixed seeds, generate through the studio's own
+PipelineManager (the path users take) and grade each image by image analysis
+(tools/demo_world.py: background colour from the border, object colour from the pixels
+that differ from it, shape from how much of its bounding box it fills, position from its
+centre). Prints accuracy per attribute and the median seconds per image.
+
+    python tools/eval_demo_model.py                    # 64 prompts, 20 DDIM steps, guidance 7.5
+    python tools/eval_demo_model.py --n 16 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipelines.config import AppConfig  # noqa: E402
+from pipelines.manager import PipelineManager  # noqa: E402
+from pipelines.requests import Txt2ImgRequest  # noqa: E402
+from tools.demo_world import COLORS, POSITIONS, SHAPES, Scene, analyze  # noqa: E402
+
+ATTRIBUTES = ("color", "background", "shape", "position")
+
+
+def eval_prompts(n: int, seed: int = 0) -> list[Scene]:
+    """``n`` scenes cycling through the shapes, half of them with a named position."""
+    rng = random.Random(seed)
+    scenes = []
+    positions = sorted(POSITIONS)
+    for i in range(n):
+        color, background = rng.sample(sorted(COLORS), 2)
+        position = positions[(i // 2) % len(positions)] if i % 2 == 0 else None
+        scenes.append(Scene(color, SHAPES[i % len(SHAPES)], background, position))
+    return scenes
+
+
+def evaluate(manager: PipelineManager, n: int = 64, steps: int = 20, guidance: float = 7.5,
+             sampler: str = "DDIM", seed: int = 0, progress: bool = True) -> dict:
+    """Generate and grade ``n`` prompts; returns accuracies, timings and per-prompt rows."""
+    manager.load()
+    rows, seconds = [], []
+    for i, scene in enumerate(tqdm(eval_prompts(n, seed), desc="eval", disable=not progress)):
+        req = Txt2ImgRequest(prompt=scene.prompt, sampler=sampler, steps=steps, guidance_scale=guidance, seed=1000 + i)
+        start = time.perf_counter()
+        image = manager.txt2img(req).images[0]
+        seconds.append(time.perf_counter() - start)
+        got = analyze(np.asarray(image.convert("RGB")))
+        row = {
+            "prompt": scene.prompt,
+            "seed": 1000 + i,
+            "color": got.color == scene.color,
+            "background": got.background == scene.background,
+            "shape": got.shape == scene.shape,
+            "position": (got.position == scene.position) if scene.position else None,
+            "read": {"color": got.color, "background": got.background, "shape": got.shape,
+                     "position": got.position, "fill": round(got.fill_ratio, 3)},
+        }
+        rows.append(row)
+    accuracy = {}
+    for attr in ATTRIBUTES:
+        graded = [r[attr] for r in rows if r[attr] is not None]
+        accuracy[attr] = sum(graded) / len(graded) if graded else float("nan")
+    return {
+        "n": n,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "sampler": sampler,
+        "size": manager.native_size,
+        "accuracy": accuracy,
+        "median_seconds_per_image": statistics.median(seconds),
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--sampler", default="DDIM")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", help="write the full report here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as out:
+        manager = PipelineManager(AppConfig(model=args.model, output_dir=Path(out), device="cpu", save=False))
+        report = evaluate(manager, args.n, args.steps, args.guidance, args.sampler, args.seed)
+    print(f"| attribute | accuracy ({args.n} prompts, {args.steps} {args.sampler} steps, guidance {args.guidance}) |")
+    print("|---|---|")
+    for attr, acc in report["accuracy"].items():
+        print(f"| {attr} | {acc:.1%} |")
+    print(f"\nmedian seconds per image at {report['size']} px: {report['median_seconds_per_image']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
