@@ -10,7 +10,9 @@ from pipelines.config import AppConfig
 from pipelines.manager import PipelineManager
 
 from .common import RateLimiter, UIContext
+from .canvas_tab import build_canvas_tab_section
 from .txt2img_tab import build_txt2img_tab
+from .upscale_tab import add_send_to_upscale, build_upscale_tab_section
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +37,24 @@ def build_app(manager: PipelineManager) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="txt2img"):
                 t2i = build_txt2img_tab(ctx)
-            for builder in _optional_tabs():
-                builder(ctx, tabs, t2i)
+            build_upscale_tab_section(ctx, tabs, t2i)
+            canvas = build_canvas_tab_section(ctx, tabs, t2i)
+        # Built after the Upscale tab exists: a Send to Upscale button under the canvas gallery.
+        add_send_to_upscale(ctx, tabs, canvas)
+    use_gpu_decorator(app)
     app.sdstudio_context = ctx  # for tests and tools that need the registry
     return app
 
 
-def _optional_tabs():
-    """The Upscale 2x and Large canvas tab builders, in page order."""
-    from .canvas_tab import build_canvas_tab_section
-    from .upscale_tab import build_upscale_tab_section
+def use_gpu_decorator(app: gr.Blocks) -> None:
+    """On a Hugging Face Space with ZeroGPU, run every device handler under ``spaces.GPU``."""
+    from .server import gpu_task
 
-    return [build_upscale_tab_section, build_canvas_tab_section]
+    for block_fn in app.fns.values():
+        if block_fn.concurrency_id == "device":
+            block_fn.fn = gpu_task(block_fn.fn)
+
+
 
 
 def launch_kwargs(config: AppConfig) -> dict:
@@ -75,10 +83,13 @@ def launch_kwargs(config: AppConfig) -> dict:
 
 def launch(app: gr.Blocks, config: AppConfig, **overrides):
     """Queue every device job through one worker and serve the app."""
+    from .server import friendly_queue_full, share_warning
+
     app.queue(max_size=config.max_queue, default_concurrency_limit=1)
+    friendly_queue_full(app)
     kwargs = launch_kwargs(config)
     kwargs.update(overrides)
-    if config.share and not kwargs.get("auth"):
-        log.warning("--share makes a PUBLIC link: anyone who has it can use this studio and your GPU. "
-                    "Add --auth USER:PASSWORD to require a login.")
+    warning = share_warning(config, has_auth=bool(kwargs.get("auth")))
+    if warning:
+        log.warning("%s", warning)
     return app.launch(**kwargs)
