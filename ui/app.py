@@ -9,7 +9,7 @@ import gradio as gr
 from pipelines.config import AppConfig
 from pipelines.manager import PipelineManager
 
-from .common import RateLimiter, UIContext
+from .common import RateLimiter, UIContext, decoded_by_request
 from .canvas_tab import build_canvas_tab_section
 from .txt2img_tab import build_txt2img_tab
 from .upscale_tab import add_send_to_upscale, build_upscale_tab_section
@@ -41,9 +41,20 @@ def build_app(manager: PipelineManager) -> gr.Blocks:
             canvas = build_canvas_tab_section(ctx, tabs, t2i)
         # Built after the Upscale tab exists: a Send to Upscale button under the canvas gallery.
         add_send_to_upscale(ctx, tabs, canvas)
+    _decode_uploads_in_the_request(ctx)
     use_gpu_decorator(app)
     app.sdstudio_context = ctx  # for tests and tools that need the registry
     return app
+
+
+def _decode_uploads_in_the_request(ctx: UIContext) -> None:
+    """Junk uploads (bombs, text named .png, truncated files) reach the upscaler's own decoder,
+    which says what is wrong, instead of failing in Gradio's preprocessing."""
+    from .upscale_tab import upscale_target
+
+    image = upscale_target(ctx)
+    if image is not None:
+        decoded_by_request(image)
 
 
 def use_gpu_decorator(app: gr.Blocks) -> None:

@@ -189,3 +189,28 @@ def validated_by_request(*components):
     for component in components:
         component.preprocess = lambda payload: payload  # instance attribute shadows the method
     return components
+
+
+def decoded_by_request(*images):
+    """Hand the uploaded file's path to the request's own safe decoder instead of Gradio opening it.
+
+    With ``type="filepath"`` Gradio's Image preprocessing only calls ``PIL.Image.open`` on the
+    upload and returns the same path, but that open turns a decompression bomb, a text file
+    named ``.png`` or a truncated file into "Could not preprocess input component ...". The
+    capability's decoder (``pipelines.upscale.load_input_image``) refuses the same files with a
+    message that names the file and the limit. Gradio has already checked that the path is an
+    upload in its cache before ``preprocess`` runs.
+    """
+    for image in images:
+        if getattr(image, "type", None) != "filepath" or getattr(image, "image_mode", "") is not None:
+            raise ValueError("decoded_by_request is for gr.Image(type='filepath', image_mode=None)")
+        original = image.preprocess
+
+        def preprocess(payload, original=original):
+            if payload is None:
+                return None
+            path = payload.get("path") if isinstance(payload, dict) else getattr(payload, "path", None)
+            return str(path) if path else original(payload)  # base64 payloads: Gradio decodes them
+
+        image.preprocess = preprocess
+    return images
