@@ -415,3 +415,29 @@ def test_rate_limit_flag_parses():
         RateLimiter.parse("ten per minute")
     with pytest.raises(ValueError, match="rate_limit must look like 10/min"):
         RateLimiter.parse("0/min")
+
+
+# ----------------------------------------------------------------------------- load test tool
+
+
+def test_load_test_tool_counts_completed_refused_and_errors(served):
+    from tools.load_test import build_parser, percentile, run_clients
+
+    from ui.common import RateLimiter
+
+    url, manager, app, *_ = served
+    args = build_parser().parse_args(["--clients", "6", "--steps", "1", "--timeout", "120"])
+    summary = run_clients(url, args, ALICE)
+    assert summary.errors == 0 and summary.server_answers_afterwards and summary.ok, summary.report()
+    # 1 job on the device and 2 waiting are always accepted; each accepted job returned an image.
+    assert summary.completed >= 3 and summary.completed + summary.refused_queue_full == 6
+    assert summary.p50_s is not None and summary.p50_s <= summary.p95_s
+
+    app.sdstudio_context.rate_limiter = RateLimiter(2, 60)
+    try:
+        limited = run_clients(url, args, ALICE)
+    finally:
+        app.sdstudio_context.rate_limiter = None
+    assert limited.errors == 0 and limited.completed <= 2 and limited.refused_rate_limit >= 1, limited.report()
+    assert limited.completed + limited.refused == 6 and "rate limit: " in limited.report()
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and percentile([], 50) is None

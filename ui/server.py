@@ -61,7 +61,7 @@ def friendly_queue_full(app) -> None:
         success, detail, state = await push(*args, **kwargs)
         if state == "queue_full":
             detail = QUEUE_FULL_MESSAGE.format(waiting=len(queue), limit=queue.max_size)
-            log.warning("refused a job: %s", detail)
+            log.info("refused a job: %s", detail)
         return success, detail, state
 
     queue.push = push_with_message
