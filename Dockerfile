@@ -1,5 +1,6 @@
 # SD Studio: self-hosting image. Build: docker build -t sdstudio .
 # Run:   docker run --gpus all -p 7860:7860 -v sdstudio-cache:/home/studio/.cache sdstudio
+#        docker run ... sdstudio --model demo --auth-file /run/secrets/users   (flags are appended)
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -20,8 +21,10 @@ COPY --chown=studio:studio . .
 USER studio
 
 EXPOSE 7860
+# "/" answers 200 with or without --auth (the login page), so the check works in both modes.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
     CMD curl -fsS -o /dev/null http://127.0.0.1:7860/ || exit 1
 
-ENTRYPOINT ["python", "app.py"]
-CMD ["--listen", "--port", "7860"]
+# --listen and the port are in the entrypoint so that flags given to `docker run` add to them.
+ENTRYPOINT ["python", "app.py", "--listen", "--port", "7860"]
+CMD []

@@ -267,7 +267,38 @@ def test_dockerfile_runs_non_root_and_listens():
     user = next(line for line in lines if line.startswith("USER "))
     assert user.split()[1] not in ("root", "0")
     assert any(line.startswith("EXPOSE 7860") for line in lines)
-    assert "HEALTHCHECK" in text and '"--listen"' in text
+    entrypoint = next(line for line in lines if line.startswith("ENTRYPOINT "))
+    assert json.loads(entrypoint.split(" ", 1)[1]) == ["python", "app.py", "--listen", "--port", "7860"]
+    health = text[text.index("HEALTHCHECK"):]
+    assert "http://127.0.0.1:7860/ " in health.split("\n\n")[0]
+
+
+def test_bind_address_flags_first_then_the_space_environment():
+    from ui.server import bind_address
+
+    space = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7861"}
+    assert bind_address(AppConfig(model="demo"), {}) == ("127.0.0.1", 7860)
+    assert bind_address(AppConfig(model="demo"), space) == ("0.0.0.0", 7861)
+    assert bind_address(AppConfig(model="demo", listen=True), {}) == ("0.0.0.0", 7860)
+    assert bind_address(AppConfig(model="demo", host="10.0.0.5", port=9000), space) == ("10.0.0.5", 9000)
+
+
+def test_launch_logs_the_share_warning(tiny_config, caplog):
+    """The warning goes to the log at launch; the share link itself is not created (share=False override)."""
+    import dataclasses
+    import logging
+
+    import ui
+
+    config = dataclasses.replace(tiny_config, share=True, port=free_port())
+    app = ui.build_app(PipelineManager(config))
+    with caplog.at_level(logging.WARNING, logger="ui.app"):
+        ui.launch(app, config, share=False, prevent_thread_lock=True, quiet=True, _frontend=False)
+    try:
+        assert "--share makes a PUBLIC link" in caplog.text and "--auth USER:PASSWORD" in caplog.text
+        assert app.share is False and app.share_url is None
+    finally:
+        app.close()
 
 
 # ----------------------------------------------------------------------------- queue
@@ -317,8 +348,9 @@ def test_queue_overflow_is_refused_and_every_accepted_job_completes(served, alic
     assert len(gallery) == 1
 
 
-def test_device_handlers_share_one_queue_of_concurrency_one(served):
+def test_device_handlers_share_one_queue_of_concurrency_one(served, alice):
     _, _, app, config, _ = served
+    alice.predict(**TXT2IMG, api_name="/txt2img")  # Gradio makes the event queue on the first job
     device = [f for f in app.fns.values() if f.concurrency_id == "device"]
     assert {f.api_name for f in device} >= {"txt2img", "upscale", "canvas"}
     assert all(f.concurrency_limit in ("default", 1) for f in device)

@@ -70,12 +70,13 @@ def use_gpu_decorator(app: gr.Blocks) -> None:
 
 def launch_kwargs(config: AppConfig) -> dict:
     """Arguments for ``Blocks.launch`` from the config: bind address, auth, limits, paths."""
-    from .server import auth_pairs
+    from .server import auth_pairs, bind_address
 
     config.output_dir.mkdir(parents=True, exist_ok=True)
+    server_name, server_port = bind_address(config)
     kwargs = dict(
-        server_name=config.server_name,
-        server_port=config.port,
+        server_name=server_name,
+        server_port=server_port,
         share=config.share,
         max_file_size=config.max_file_size,
         # Gradio before 6.32 lets a forged Host header skip auth under SSR; never use SSR.

@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pipelines.config import AppConfig
@@ -34,6 +35,20 @@ def auth_pairs(config: AppConfig) -> list[tuple[str, str]]:
             if line.strip() and not line.lstrip().startswith("#"):
                 pairs.append(parse_auth(line.strip(), f"in {path} line {n}"))
     return pairs
+
+
+def bind_address(config: AppConfig, environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
+    """(server name, port): ``--listen``/``--host``/``--port`` first; with neither given, the
+    ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` that a Hugging Face Space sets (0.0.0.0:7860)."""
+    defaults = AppConfig.__dataclass_fields__
+    if config.listen or config.host != defaults["host"].default:
+        name = config.server_name
+    else:
+        name = environ.get("GRADIO_SERVER_NAME") or config.host
+    port = config.port
+    if port == defaults["port"].default and environ.get("GRADIO_SERVER_PORT"):
+        port = int(environ["GRADIO_SERVER_PORT"])
+    return name, port
 
 
 def share_warning(config: AppConfig, has_auth: bool) -> str | None:
