@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("sdstudio").error("%s", exc)
         return 2
     app = ui.build_app(manager)
-    ui.launch(app, config)
+    try:
+        ui.launch(app, config)
+    except ValueError as exc:  # a bad --auth entry, a missing --auth-file, --mcp without its package
+        logging.getLogger("sdstudio").error("%s", exc)
+        return 2
     return 0
 
 

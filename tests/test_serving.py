@@ -205,8 +205,14 @@ def test_file_routes_serve_nothing_outside_the_output_dir(served, alice):
     assert status in (401, 403) and not body.startswith(b"\x89PNG")
 
 
-def test_launch_kwargs_limits_paths_mcp_and_ssr(tmp_path):
+def test_launch_kwargs_limits_paths_mcp_and_ssr(tmp_path, monkeypatch):
+    import ui.server
     from ui.app import launch_kwargs
+
+    if not ui.server.mcp_available():
+        with pytest.raises(ValueError, match=r"--mcp needs Gradio's MCP extra.*pip install 'gradio\[mcp\]'"):
+            launch_kwargs(AppConfig(model="demo", output_dir=tmp_path / "out", mcp=True))
+        monkeypatch.setattr(ui.server, "mcp_available", lambda: True)
 
     config = AppConfig(model="demo", output_dir=tmp_path / "out", mcp=True, auth=("a:b",), max_file_size="5mb",
                        listen=True, port=7000)
@@ -473,3 +479,12 @@ def test_load_test_tool_counts_completed_refused_and_errors(served):
     assert limited.errors == 0 and limited.completed <= 2 and limited.refused_rate_limit >= 1, limited.report()
     assert limited.completed + limited.refused == 6 and "rate limit: " in limited.report()
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and percentile([], 50) is None
+
+
+def test_app_main_refuses_a_bad_login_entry_before_serving(tiny_model_dir, tmp_path, caplog):
+    import app as studio
+
+    argv = ["--model", str(tiny_model_dir), "--device", "cpu", "--no-safety-checker", "--output-dir",
+            str(tmp_path / "out"), "--port", str(free_port()), "--auth", "no-colon"]
+    assert studio.main(argv) == 2
+    assert "auth entry --auth must be user:password, got 'no-colon'" in caplog.text

@@ -70,8 +70,9 @@ def use_gpu_decorator(app: gr.Blocks) -> None:
 
 def launch_kwargs(config: AppConfig) -> dict:
     """Arguments for ``Blocks.launch`` from the config: bind address, auth, limits, paths."""
-    from .server import auth_pairs, bind_address
+    from .server import auth_pairs, bind_address, check_mcp
 
+    check_mcp(config)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     server_name, server_port = bind_address(config)
     kwargs = dict(

@@ -82,6 +82,17 @@ def friendly_queue_full(app) -> None:
     queue.push = push_with_message
 
 
+def mcp_available() -> bool:
+    """Whether Gradio's MCP server can run (the ``mcp`` package of ``gradio[mcp]`` is installed)."""
+    return importlib.util.find_spec("mcp") is not None
+
+
+def check_mcp(config: AppConfig) -> None:
+    """Refuse ``--mcp`` up front, with the install command, when the ``mcp`` package is missing."""
+    if config.mcp and not mcp_available():
+        raise ValueError("--mcp needs Gradio's MCP extra, which is not installed: pip install 'gradio[mcp]'")
+
+
 def spaces_gpu() -> Callable | None:
     """``spaces.GPU`` when the Hugging Face ``spaces`` package is installed (a Space), else ``None``."""
     if importlib.util.find_spec("spaces") is None:
