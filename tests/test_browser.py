@@ -48,17 +48,12 @@ def require_chromium() -> None:
 def studio(tmp_path_factory, tiny_model_dir):
     """The URL of the tiny-model studio served on loopback."""
     require_chromium()
-    import ui
+    from ui.app import serving
 
     config = AppConfig(model=str(tiny_model_dir), output_dir=tmp_path_factory.mktemp("browser"),
                        safety_checker=False, device="cpu", port=free_port())
-    app = ui.build_app(PipelineManager(config))
-    # _frontend=False skips Gradio's localhost self-check, which times out spuriously on a loaded machine.
-    ui.launch(app, config, prevent_thread_lock=True, quiet=True, _frontend=False)
-    try:
-        yield f"http://127.0.0.1:{config.port}/"
-    finally:
-        app.close()
+    with serving(PipelineManager(config)) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -58,19 +58,13 @@ def served(tmp_path_factory, tiny_model_dir):
     """(client, manager) for the tiny model served on loopback without auth."""
     from gradio_client import Client
 
-    import ui
     from pipelines.config import AppConfig
+    from ui.app import serving
 
-    config = AppConfig(model=str(tiny_model_dir), output_dir=tmp_path_factory.mktemp("faults"),
-                       safety_checker=False, device="cpu", port=free_port())
-    manager = PipelineManager(config)
-    app = ui.build_app(manager)
-    # _frontend=False skips Gradio's localhost self-check, which times out spuriously on a loaded machine.
-    ui.launch(app, config, prevent_thread_lock=True, quiet=True, _frontend=False)
-    try:
-        yield Client(f"http://127.0.0.1:{config.port}/", verbose=False), manager
-    finally:
-        app.close()
+    manager = PipelineManager(AppConfig(model=str(tiny_model_dir), output_dir=tmp_path_factory.mktemp("faults"),
+                                        safety_checker=False, device="cpu", port=free_port()))
+    with serving(manager) as (url, _):
+        yield Client(url, verbose=False), manager
 
 
 def test_out_of_memory_says_what_to_change_frees_the_device_and_the_next_job_runs(served):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipelines.config import AppConfig, config_from_args
 from pipelines.manager import PipelineManager
+from ui.app import serving
 
 from .conftest import ROOT, free_port
 
@@ -32,24 +33,9 @@ BOB = ("bob", "builder")
 SECRET = "sdstudio-secret-7f3a9c"
 
 
-def serve(app, config: AppConfig):
-    """Serve ``app`` with the studio's own launch(); skip Gradio's localhost self-check.
-
-    Gradio's launch() HEADs its own URL with a 3 s timeout and gives up at the first timeout
-    ("When localhost is not accessible, a shareable link must be created"); on a loaded test
-    machine that check fails spuriously. ``_frontend=False`` only turns that check off.
-    """
-    import ui
-
-    ui.launch(app, config, prevent_thread_lock=True, quiet=True, _frontend=False)
-    return f"http://127.0.0.1:{config.port}/"
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model_dir):
     """(url, manager, app, config, root): the tiny model behind two logins, a queue of 2 and a 100 kB upload limit."""
-    import ui
-
     root = tmp_path_factory.mktemp("serving")
     (root / "secret.txt").write_text(SECRET, encoding="utf-8")
     auth_file = root / "users.txt"
@@ -61,12 +47,8 @@ def served(tmp_path_factory, tiny_model_dir):
         "--max-queue", "2", "--max-file-size", "100kb",
     ])
     manager = PipelineManager(config)
-    app = ui.build_app(manager)
-    url = serve(app, config)
-    try:
+    with serving(manager) as (url, app):
         yield url, manager, app, config, root
-    finally:
-        app.close()
 
 
 @pytest.fixture(scope="module")
@@ -294,17 +276,10 @@ def test_launch_logs_the_share_warning(tiny_config, caplog):
     import dataclasses
     import logging
 
-    import ui
-
     config = dataclasses.replace(tiny_config, share=True, port=free_port())
-    app = ui.build_app(PipelineManager(config))
-    with caplog.at_level(logging.WARNING, logger="ui.app"):
-        ui.launch(app, config, share=False, prevent_thread_lock=True, quiet=True, _frontend=False)
-    try:
+    with caplog.at_level(logging.WARNING, logger="ui.app"), serving(PipelineManager(config), share=False) as (_, app):
         assert "--share makes a PUBLIC link" in caplog.text and "--auth USER:PASSWORD" in caplog.text
         assert app.share is False and app.share_url is None
-    finally:
-        app.close()
 
 
 # ----------------------------------------------------------------------------- queue

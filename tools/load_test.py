@@ -18,6 +18,7 @@ no errors, every accepted job returned an image, and the server answered afterwa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import socket
@@ -187,9 +188,8 @@ def run_clients(url: str, args, auth: tuple[str, str] | None) -> Summary:
     return summary
 
 
-def start_server(args, workdir: Path):
-    """Build and serve the studio in this process on a free loopback port; returns (url, app)."""
-    import ui
+def start_server(args, workdir: Path, stack: contextlib.ExitStack) -> str:
+    """Serve the studio in this process on a free loopback port until ``stack`` closes; returns its URL."""
     from pipelines.config import AppConfig
     from pipelines.manager import PipelineManager
 
@@ -203,12 +203,10 @@ def start_server(args, workdir: Path):
         port = s.getsockname()[1]
     config = AppConfig(model=model, device=args.device, output_dir=workdir / "outputs", safety_checker=False,
                        port=port, max_queue=args.max_queue, rate_limit=args.rate_limit, offline=True)
-    manager = PipelineManager(config)
-    manager.load()
-    app = ui.build_app(manager)
-    # _frontend=False: skip Gradio's self-check of localhost, which times out on a busy machine.
-    ui.launch(app, config, prevent_thread_lock=True, quiet=True, _frontend=False)
-    return f"http://127.0.0.1:{port}/", app
+    from ui.app import serving
+
+    url, _ = stack.enter_context(serving(PipelineManager(config)))
+    return url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,20 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--timeout must be 1-3600 s, got {args.timeout}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
-    with tempfile.TemporaryDirectory(prefix="sdstudio-load-") as tmp:
-        app = None
+    with contextlib.ExitStack() as stack:
         if args.url:
             url = args.url
         else:
             import torch
 
             torch.set_num_threads(args.threads)
-            url, app = start_server(args, Path(tmp))
-        try:
-            summary = run_clients(url, args, auth)
-        finally:
-            if app is not None:
-                app.close()
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="sdstudio-load-"))
+            url = start_server(args, Path(tmp), stack)
+        summary = run_clients(url, args, auth)
     print(f"load test: {args.clients} clients, --max-queue {args.max_queue}, "
           f"--rate-limit {args.rate_limit or 'off'}, {args.steps} steps at {args.size} px, {url}")
     print(summary.report())

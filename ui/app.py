@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import gradio as gr
 
@@ -106,3 +108,19 @@ def launch(app: gr.Blocks, config: AppConfig, **overrides):
     if warning:
         log.warning("%s", warning)
     return app.launch(**kwargs)
+
+
+@contextmanager
+def serving(manager: PipelineManager, **overrides) -> Iterator[tuple[str, gr.Blocks]]:
+    """``(url, app)``: the studio for ``manager`` served in this process; closed on exit.
+
+    For tests and tools/load_test.py. ``_frontend=False`` skips Gradio's start-up self-check of
+    its own URL, which gives up at the first 3 s timeout ("When localhost is not accessible, a
+    shareable link must be created") on a busy machine; nothing else depends on it.
+    """
+    app = build_app(manager)
+    launch(app, manager.config, **{"prevent_thread_lock": True, "quiet": True, "_frontend": False, **overrides})
+    try:
+        yield app.local_url, app
+    finally:
+        app.close()
