@@ -7,8 +7,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
+
+if importlib.util.find_spec("spaces") is not None:
+    # On a Hugging Face ZeroGPU Space, `spaces` has to patch torch before anything imports it.
+    import spaces  # noqa: F401
 
 from pipelines.config import config_from_args
 from pipelines.guard import SafetyCheckerUnavailable

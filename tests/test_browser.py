@@ -157,3 +157,30 @@ def test_missing_chromium_skips_locally_and_fails_under_ci(monkeypatch, tmp_path
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="browser tests cannot run under CI: Chromium is not installed"):
         require_chromium()
+
+
+def test_login_page_then_the_studio(browser, tiny_model_dir, tmp_path):
+    """With --auth the browser gets the sign-in form, not the studio; the right password opens it."""
+    from pipelines.config import config_from_args
+    from ui.app import serving
+
+    config = config_from_args(["--model", str(tiny_model_dir), "--device", "cpu", "--no-safety-checker",
+                               "--output-dir", str(tmp_path / "out"), "--port", str(free_port()),
+                               "--auth", "alice:wonderland"])
+    with serving(PipelineManager(config)) as (url, _):
+        context = browser.new_context()
+        page = context.new_page()
+        try:
+            page.goto(url)
+            page.get_by_label("username").fill("alice")
+            page.get_by_label("password").fill("not-it")
+            page.get_by_role("button", name="Login").click()
+            page.get_by_text("Incorrect Credentials").wait_for(timeout=30_000)
+            assert page.locator("#txt2img-generate").count() == 0
+            page.get_by_label("username").fill("alice")  # the form is cleared after a failed attempt
+            page.get_by_label("password").fill("wonderland")
+            page.get_by_role("button", name="Login").click()
+            page.locator("#txt2img-generate").wait_for(state="visible", timeout=60_000)
+            shot(page, "login")
+        finally:
+            context.close()
