@@ -184,3 +184,46 @@ def test_login_page_then_the_studio(browser, tiny_model_dir, tmp_path):
             shot(page, "login")
         finally:
             context.close()
+
+
+def test_full_queue_message_in_the_page(browser, tiny_model_dir, tmp_path):
+    """A job clicked while the queue is full is refused on the page with "try again", and the accepted jobs finish.
+
+    The API answers with the studio's "The queue is full, try again ..." (HTTP 503); Gradio's page
+    shows its own fixed text for any 503: "This application is currently busy. Please try again."
+    """
+    import threading
+
+    from gradio_client import Client
+
+    from pipelines.config import config_from_args
+    from ui.app import serving
+
+    config = config_from_args(["--model", str(tiny_model_dir), "--device", "cpu", "--no-safety-checker",
+                               "--output-dir", str(tmp_path / "out"), "--port", str(free_port()),
+                               "--max-queue", "1"])
+    manager = PipelineManager(config)
+    gate = threading.Event()
+    with serving(manager) as (url, app):
+        handle = manager.pipe.unet.register_forward_hook(lambda *a: gate.wait(timeout=120) and None)
+        context = browser.new_context()
+        try:
+            client = Client(url, verbose=False)
+            args = dict(prompt="a red circle on a blue background", negative_prompt="", sampler="DDIM", steps=1,
+                        guidance_scale=7.5, width=64, height=64, seed=1, batch_size=1, batch_count=1)
+            jobs = [client.submit(**args, api_name="/txt2img") for _ in range(2)]  # one runs, one waits
+            page = context.new_page()
+            page.goto(url)
+            page.locator("#txt2img-generate").wait_for(state="visible", timeout=60_000)
+            while len(app._queue) < 1:
+                page.wait_for_timeout(50)
+            page.locator("#txt2img-prompt textarea").fill("a blue square")
+            page.locator("#txt2img-generate").click()
+            page.get_by_text("currently busy. Please try again", exact=False).first.wait_for(timeout=30_000)
+            shot(page, "queue-full")
+        finally:
+            gate.set()
+            handle.remove()
+            context.close()
+        for job in jobs:
+            assert len(job.result(timeout=120)[0]) == 1
