@@ -463,3 +463,40 @@ def test_app_main_refuses_a_bad_login_entry_before_serving(tiny_model_dir, tmp_p
             str(tmp_path / "out"), "--port", str(free_port()), "--auth", "no-colon"]
     assert studio.main(argv) == 2
     assert "auth entry --auth must be user:password, got 'no-colon'" in caplog.text
+
+
+def test_load_test_bounds_and_classification():
+    from gradio_client.utils import QueueError
+
+    from tools.load_test import Summary, classify, main
+
+    with pytest.raises(SystemExit, match="--clients must be 1-256, got 0"):
+        main(["--clients", "0"])
+    with pytest.raises(SystemExit, match="--clients must be 1-256, got 257"):
+        main(["--clients", "257"])
+    with pytest.raises(SystemExit, match="--timeout must be 1-3600 s"):
+        main(["--timeout", "0"])
+    assert classify(QueueError("Queue is full! Please try again.")) == "queue_full"
+    assert classify(RuntimeError("rate limit reached: 2 jobs per 60 s; try again in 5 s")) == "rate_limited"
+    assert classify(RuntimeError("boom")) == "error"
+    bad = Summary(clients=2, completed=1, errors=1, server_answers_afterwards=True, error_details=["AppError: boom"])
+    assert not bad.ok and "errors:     1" in bad.report() and "error: AppError: boom" in bad.report()
+    assert not Summary(clients=1, completed=1, server_answers_afterwards=False).ok
+
+
+def test_decoded_by_request_passes_the_upload_path_through(tmp_path):
+    import gradio as gr
+
+    from ui.common import decoded_by_request
+
+    with pytest.raises(ValueError, match="decoded_by_request is for gr.Image"):
+        decoded_by_request(gr.Image(type="pil"))
+    with pytest.raises(ValueError, match="decoded_by_request is for gr.Image"):
+        decoded_by_request(gr.Image(type="filepath", image_mode="RGB"))
+    (image,) = decoded_by_request(gr.Image(type="filepath", image_mode=None))
+    junk = tmp_path / "junk.png"
+    junk.write_text("not an image", encoding="utf-8")
+    assert image.preprocess(None) is None
+    assert image.preprocess({"path": str(junk)}) == str(junk)  # not opened here: the request's decoder says why
+    data = image.data_model(path=str(junk))
+    assert image.preprocess(data) == str(junk)
