@@ -109,6 +109,8 @@ def test_anonymous_page_and_api_are_refused(served):
     assert httpx.get(url + "gradio_api/info").status_code == 401
     call = httpx.post(url + "gradio_api/call/txt2img", json={"data": list(TXT2IMG.values())})
     assert call.status_code == 401
+    join = httpx.post(url + "gradio_api/queue/join", json=queue_join_body(served[2], list(TXT2IMG.values())))
+    assert join.status_code == 401
     with pytest.raises(Exception):
         Client(url, verbose=False)
     with pytest.raises(Exception):
