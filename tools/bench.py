@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -693,6 +694,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(table + "\n")
+    shutil.rmtree(work, ignore_errors=True)  # the saved test models (sd15-random is 4 GB)
     return report
 
 
