@@ -113,15 +113,15 @@ def sd15_random_dir(root: Path) -> Path:
     return folder
 
 
-def resolve_model(name: str, root: Path) -> tuple[str, int, int]:
-    """(app --model value, steps-per-image scale hint, size) for a bench model name."""
+def resolve_model(name: str, root: Path) -> tuple[str, int]:
+    """(app --model value, image size to bench; 0 = the model's native size) for a bench model name."""
     if name == "tiny512":
-        return str(tiny512_dir(root)), 0, 512
+        return str(tiny512_dir(root)), 512
     if name == "sd15-random":
-        return str(sd15_random_dir(root)), 0, 256
+        return str(sd15_random_dir(root)), 256
     if name == "demo":
-        return "demo", 0, 0
-    return name, 0, 0
+        return "demo", 0
+    return name, 0
 
 
 def bench_config(model: str, out: Path, **options) -> AppConfig:
@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["txt2img"] = []
         for name in models:
             progress(f"txt2img {name}")
-            model, _, size = named(name)
+            model, size = named(name)
             steps, reps = (2, max(2, repeats - 1)) if name == "sd15-random" else (t2i_steps, repeats)
             row = attempt(f"txt2img {name}", lambda: bench_txt2img(model, steps=steps, size=size, repeats=reps,
                                                                    out=work, device=args.device))
@@ -652,7 +652,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["canvas"] = []
         for name in [m for m in models if m != "sd15-random"][: 1 if quick else None]:
             progress(f"canvas {name}")
-            model, _, _ = named(name)
+            model, _ = named(name)
             row = attempt(f"canvas {name}", lambda: bench_canvas(model if name != "tiny512" else "tiny512",
                                                                  steps=3 if quick else 10,
                                                                  repeats=2 if quick else repeats,
@@ -662,18 +662,18 @@ def main(argv: list[str] | None = None) -> dict:
                 report["canvas"].append(row)
     if "upscale" in sections:
         progress("upscale")
-        model, _, _ = named(models[0])
+        model, _ = named(models[0])
         report["upscale"] = attempt("upscale", lambda: bench_upscale(
             model, [512] if quick else [512, 2048], tile=256, repeats=2 if quick else 3, out=work,
             threads=args.threads)) or []
     if "serve" in sections:
         progress("serve")
-        model, _, size = named(models[0])
+        model, size = named(models[0])
         report["serve"] = attempt("serve", lambda: bench_serve(model, out=work, threads=args.threads,
                                                                size=256 if quick else (size or 512)))
     if "speed" in sections:
         progress("speed")
-        model, _, _ = named(models[0])
+        model, _ = named(models[0])
         report["speed"] = attempt("speed", lambda: bench_speed(model, steps=4 if quick else 10, size=256 if quick else 0,
                                                                repeats=2 if quick else repeats, out=work,
                                                                device=args.device))
@@ -682,7 +682,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "preview" in sections:
         progress("preview")
         name = "demo" if "demo" in models else models[0]
-        model, _, _ = named(name)
+        model, _ = named(name)
         report["preview"] = attempt("preview", lambda: bench_preview(model, steps=20, size=256 if quick else 0,
                                                                      repeats=2 if quick else repeats, out=work))
         if report["preview"]:
