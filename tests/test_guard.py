@@ -128,6 +128,23 @@ def test_watermark_round_trip_and_verify_command(tiny_manager, tmp_path):
     assert proc.returncode == 1
 
 
+def test_watermark_decodes_on_flat_demo_images():
+    """Flat colours defeated imwatermark's plain dwtDct; the guard's method must decode them."""
+    import io
+    import random
+
+    from tools.demo_world import random_scene, render
+
+    rng = random.Random(3)
+    marker = Watermarker("SDStudio")
+    for _ in range(3):
+        marked, status = marker.apply(Image.fromarray(render(random_scene(rng), 256, rng)))
+        assert status == "applied"
+        buffer = io.BytesIO()
+        marked.save(buffer, format="PNG")
+        assert marker.found(Image.open(io.BytesIO(buffer.getvalue())))
+
+
 def test_small_image_is_delivered_with_watermark_skipped(tiny_manager):
     result = tiny_manager.txt2img(Txt2ImgRequest(prompt=PROMPT, steps=2, seed=5, width=128, height=128))
     assert result.metadata[0]["watermark"] == "skipped (too small)"
