@@ -58,7 +58,7 @@ class AppConfig:
     attention_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
-    preview_every: int = 0
+    preview_every: int = 5
     offline: bool = False
     log_level: str = "INFO"
     extra: dict = field(default_factory=dict, compare=False)
@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode large images in VAE tiles")
     s.add_argument("--cpu-offload", action="store_true", default=_env_bool("cpu_offload"),
                    help="keep models on the CPU and move each to the GPU only while it runs (CUDA)")
-    s.add_argument("--preview-every", type=int, default=int(_env("preview_every", 0)),
-                   help="show a live preview every N denoising steps (0: off)")
+    s.add_argument("--preview-every", type=int, default=int(_env("preview_every", 5)),
+                   help="show a live preview every N denoising steps (default 5; 0: off)")
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
     srv.add_argument("--listen", action="store_true", default=_env_bool("listen"), help="bind 0.0.0.0 (all interfaces)")

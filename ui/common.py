@@ -179,7 +179,7 @@ def free_device_memory() -> None:
 
 
 def validated_by_request(*components):
-    """Let the request's ``check()`` validate these numeric inputs instead of Gradio.
+    """Let the request's ``check()`` validate these inputs (numbers, sampler names) instead of Gradio.
 
     Gradio's own Slider/Number preprocessing raises "Value 0 is less than minimum value 1."
     without naming the field, lets NaN through, and rounds to the component's precision (so

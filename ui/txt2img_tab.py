@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
+import queue
+import threading
 from dataclasses import dataclass
 
 import gradio as gr
 
+from pipelines.preview import factors_for_model, preview_callback
 from pipelines.requests import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SEED, MAX_STEPS, SAMPLERS, Txt2ImgRequest
 
 from .common import UIContext, as_float, as_int, run_job, validated_by_request
@@ -63,7 +67,7 @@ def build_txt2img_tab(ctx: UIContext) -> GalleryOutputs:
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", minimum=-1, maximum=MAX_SEED)
                 batch_size = gr.Slider(1, MAX_BATCH_SIZE, value=1, step=1, label="Batch size")
                 batch_count = gr.Slider(1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count")
-            validated_by_request(steps, guidance_scale, width, height, seed, batch_size, batch_count)
+            validated_by_request(sampler, steps, guidance_scale, width, height, seed, batch_size, batch_count)
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="txt2img-generate")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="txt2img-cancel")
@@ -95,7 +99,14 @@ def build_txt2img_tab(ctx: UIContext) -> GalleryOutputs:
             batch_count: number of batches (1-16).
         """
 
+        previews: queue.Queue = queue.Queue()
+        every = manager.config.preview_every
+
         def job(control):
+            if every > 0:
+                # Every N steps the current latents as a picture (pipelines/preview.py), shown in the gallery.
+                control.preview = preview_callback(factors_for_model(manager.info.source.is_demo), every,
+                                                   lambda step, total, image: previews.put((step, total, image)))
             req = Txt2ImgRequest(
                 prompt=prompt,
                 negative_prompt=negative_prompt or "",
@@ -110,14 +121,33 @@ def build_txt2img_tab(ctx: UIContext) -> GalleryOutputs:
             )
             return manager.txt2img(req, control)
 
-        result = run_job(ctx, request, progress, job)
+        outcome: dict = {}
+
+        def work():
+            try:
+                outcome["result"] = run_job(ctx, request, progress, job)
+            except BaseException as exc:  # handed to the handler below, which raises it as before
+                outcome["error"] = exc
+            finally:
+                previews.put(None)
+
+        # The job runs in a thread (with this event's context, so gr.Progress still reaches the page)
+        # while this generator yields each preview; the last yield is the guarded result as before,
+        # so API clients (gradio_client's predict returns the final value) see no change.
+        threading.Thread(target=contextvars.copy_context().run, args=(work,), daemon=True).start()
+        while (item := previews.get()) is not None:
+            step, total, image = item
+            yield [(image, f"preview: step {step}/{total}")], gr.skip(), gr.skip(), gr.skip()
+        if "error" in outcome:
+            raise outcome["error"]
+        result = outcome["result"]
         for w in result.warnings:
             gr.Warning(w)
         blocked = sum(result.nsfw)
         note = (f"**{blocked} of {len(result.nsfw)} images were withheld by the safety checker** and replaced "
                 "by a placeholder." if blocked else "")
         gallery = [(str(p), f"seed {s}") for p, s in zip(result.files, result.seeds)]
-        return gallery, result.seeds[0], "\n\n".join(result.infotexts), note
+        yield gallery, result.seeds[0], "\n\n".join(result.infotexts), note
 
     event = generate.click(
         txt2img,
