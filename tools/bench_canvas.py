@@ -97,8 +97,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_cases(pipe, args) -> dict[str, Callable[[], object]]:
-    """name -> a function that makes one image end to end (denoising and VAE decode)."""
+def build_cases(pipe, args, steps: int) -> dict[str, Callable[[], object]]:
+    """name -> a function that makes one image end to end (denoising and VAE decode) in ``steps`` steps."""
     from diffusers import StableDiffusionPanoramaPipeline
 
     size = args.size
@@ -108,13 +108,13 @@ def build_cases(pipe, args) -> dict[str, Callable[[], object]]:
     panorama = StableDiffusionPanoramaPipeline.from_pipe(pipe, dtype=pipe.unet.dtype)
     for p in (canvas, panorama):
         p.set_progress_bar_config(disable=True)
-    common = dict(prompt=PROMPT, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
+    common = dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=args.guidance_scale)
 
     def generator():
         return [torch.Generator("cpu").manual_seed(0)]
 
     def txt2img():
-        req = Txt2ImgRequest(prompt=PROMPT, sampler=args.sampler, steps=args.steps,
+        req = Txt2ImgRequest(prompt=PROMPT, sampler=args.sampler, steps=steps,
                              guidance_scale=args.guidance_scale, width=size, height=size, seed=0)
         return run_txt2img(pipe, req, seeds=[0], width=size, height=size, scheduler_factory=scheduler,
                            control=JobControl())
@@ -145,10 +145,14 @@ def build_cases(pipe, args) -> dict[str, Callable[[], object]]:
     }
 
 
-def time_cases(cases: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per run of each case, round-robin after one warm-up of each."""
+def time_cases(cases: dict, warm_up: dict, repeats: int, device: torch.device,
+               on_round: Callable[[dict], None] = lambda times: None) -> dict[str, list[float]]:
+    """Seconds per run of each case, round-robin after one (short) warm-up run of each.
+
+    ``on_round(times)`` is called after every round, so a long run that is stopped keeps its numbers.
+    """
     times = {name: [] for name in cases}
-    for name, fn in cases.items():
+    for fn in warm_up.values():
         fn()
     for _ in tqdm(range(repeats), desc="rounds"):
         for name, fn in cases.items():
@@ -157,6 +161,8 @@ def time_cases(cases: dict, repeats: int, device: torch.device) -> dict[str, lis
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
+            log.info("%s: %.3f s", name, times[name][-1])
+        on_round(times)
     return times
 
 
@@ -237,11 +243,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=ROOT / "bench-results" / "canvas-bench.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
     device = pipe.unet.device
     native = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
-    times = time_cases(build_cases(pipe, args), args.repeats, device)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+
+    def save_partial(times):
+        args.json.write_text(json.dumps(dict(model=args.model, steps=args.steps, partial_seconds=times), indent=2))
+
+    # One-step runs warm up every code path (allocations, kernels) without the cost of a full image.
+    times = time_cases(build_cases(pipe, args, args.steps), build_cases(pipe, args, 1), args.repeats, device,
+                       save_partial)
     median = {name: statistics.median(t) for name, t in times.items()}
     ratios = {
         "canvas default / txt2img": median["canvas default"] / median["txt2img"],
@@ -287,7 +301,6 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.memory:
         lines += ["", "--memory needs a CUDA device; skipped."]
     sys.stdout.write("\n".join(lines) + "\n")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     return report
 
