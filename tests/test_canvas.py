@@ -181,7 +181,7 @@ def test_gradio_api_canvas(manager, tmp_path):
 
     from ui.app import build_app, launch
 
-    from conftest import free_port
+    from .conftest import free_port
 
     app = build_app(manager)
     port = free_port()
