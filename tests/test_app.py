@@ -20,18 +20,14 @@ def served(tmp_path_factory, tiny_model_dir):
     """(client, manager, app) for a studio running the tiny model on 127.0.0.1."""
     from gradio_client import Client
 
-    import ui
     from pipelines.config import AppConfig
+    from ui.app import serving
 
     config = AppConfig(model=str(tiny_model_dir), output_dir=tmp_path_factory.mktemp("served"),
                        safety_checker=False, device="cpu", port=free_port())
     manager = PipelineManager(config)
-    app = ui.build_app(manager)
-    ui.launch(app, config, prevent_thread_lock=True, quiet=True)
-    try:
-        yield Client(f"http://127.0.0.1:{config.port}/", verbose=False), manager, app
-    finally:
-        app.close()
+    with serving(manager) as (url, app):
+        yield Client(url, verbose=False), manager, app
 
 
 def test_txt2img_endpoint_returns_a_guarded_png(served):
