@@ -84,7 +84,7 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int, device="cp
     (tools/bench_canvas.py's round-robin timer)."""
     from tools.bench_canvas import time_cases
 
-    return time_cases(cases, repeats, torch.device(device))
+    return time_cases(cases, cases, repeats, torch.device(device))
 
 
 def med(values: list[float]) -> float:
