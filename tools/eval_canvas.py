@@ -2,9 +2,15 @@
 
 For each canvas, the jump at a column boundary is the mean absolute RGB difference between
 the two neighbouring pixel columns (rows likewise). The seam ratio is the mean jump at the
-tile borders (every view edge inside the canvas) over the mean jump at interior boundaries
-(at least ``--margin`` pixels from any border), pooled over prompts and seeds. 1.0 means the
-borders cannot be told from the rest of the image.
+tile borders (every view edge inside the canvas) over the mean jump at interior boundaries,
+pooled over prompts and seeds. 1.0 means the borders cannot be told from the rest.
+
+Interior boundaries are compared like with like: tile borders always fall on the latent grid
+(every 8 pixels), and a VAE decoder leaves slightly larger jumps there than between (on the
+demo model 2.05 against 1.42 on average), so the interior set is the latent-grid boundaries at
+least ``--margin`` pixels from any tile border. The outer ``--edge`` pixels of the canvas are
+left out of both sets: the demo model draws a thin frame at image edges, which would raise the
+interior mean and flatter the ratio. The ratio against every interior boundary is printed too.
 
 Two settings on the same prompts and seeds:
 - MultiDiffusion at the default overlap (a quarter of the tile) and the default cosine blend;
@@ -65,23 +71,29 @@ def border_positions(views, scale: int, length: int, axis: int) -> set[int]:
     return {e for e in edges if 0 < e < length}
 
 
-def seam_measure(images: list[np.ndarray], views, scale: int, margin: int) -> dict:
-    """Pooled mean jump at tile borders and at interior boundaries, and their ratio."""
-    border, interior = [], []
+def seam_measure(images: list[np.ndarray], views, scale: int, margin: int, edge: int) -> dict:
+    """Pooled mean jump at tile borders and at interior latent-grid boundaries, and their ratio."""
+    border, interior, interior_all = [], [], []
     for image in images:
         for axis in (1, 0):
             length = image.shape[axis]
-            jumps = boundary_jumps(image, axis)
             borders = border_positions(views, scale, length, axis)
-            for k, jump in enumerate(jumps):
+            for k, jump in enumerate(boundary_jumps(image, axis)):
                 position = k + 1
+                if position < edge or position > length - edge:
+                    continue
                 distance = min((abs(position - b) for b in borders), default=length)
                 if distance == 0:
                     border.append(jump)
                 elif distance >= margin:
-                    interior.append(jump)
-    b, i = float(np.mean(border)) if border else float("nan"), float(np.mean(interior))
-    return {"border_jump": b, "interior_jump": i, "ratio": b / i, "borders": len(border), "interior": len(interior)}
+                    interior_all.append(jump)
+                    if position % scale == 0:
+                        interior.append(jump)
+    b = float(np.mean(border)) if border else float("nan")
+    i, i_all = float(np.mean(interior)), float(np.mean(interior_all))
+    return {"border_jump": b, "interior_jump": i, "ratio": b / i, "ratio_all_interior": b / i_all,
+            "border_median": float(np.median(border)) if border else float("nan"),
+            "interior_median": float(np.median(interior)), "borders": len(border), "interior": len(interior)}
 
 
 def generate(manager: PipelineManager, prompt: str, seed: int, args, tile_overlap: int, blend: str):
@@ -108,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompts", nargs="+", default=None, help="default: three demo-world prompts")
     p.add_argument("--blend", default="cosine", help="blend of the MultiDiffusion setting (default cosine)")
     p.add_argument("--margin", type=int, default=4, help="interior boundaries are at least this far from a border")
+    p.add_argument("--edge", type=int, default=16, help="pixels at the canvas edges left out of the measure")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "eval-canvas", help="where images go")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -136,23 +149,24 @@ def main(argv: list[str] | None = None) -> dict:
             image = generate(manager, prompt, seed, args, overlap, blend)
             image.save(args.out / f"{'naive' if overlap == 0 else 'md'}-{n}-seed{seed}.png")
             images.append(np.asarray(image.convert("RGB")))
-        rows[name] = dict(seam_measure(images, tiling.views, 8, args.margin), views=len(tiling.views),
+        rows[name] = dict(seam_measure(images, tiling.views, 8, args.margin, args.edge), views=len(tiling.views),
                           tile_size=tiling.tile_size, tile_overlap=overlap, blend=blend)
 
     report = dict(model=manager.info.source.location, model_name=manager.info.source.name, native_size=native,
                   width=args.width, height=args.height, steps=args.steps, sampler=args.sampler,
-                  guidance_scale=args.guidance_scale, prompts=prompts, seeds=args.seeds, margin=args.margin,
+                  guidance_scale=args.guidance_scale, prompts=prompts, seeds=args.seeds, margin=args.margin, edge=args.edge,
                   minutes=(time.perf_counter() - started) / 60, settings=rows)
     lines = [
         f"Seams on {manager.info.source.name} ({args.width}x{args.height}, native {native}, {args.sampler}, "
         f"{args.steps} steps, {len(prompts)} prompts x {len(args.seeds)} seeds)",
         "",
-        "| setting | views | border jump | interior jump | ratio |",
-        "|---|---|---|---|---|",
+        "| setting | views | border jump (median) | interior jump (median) | ratio | ratio vs all interior |",
+        "|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        lines.append(f"| {name} | {row['views']} | {row['border_jump']:.3f} | {row['interior_jump']:.3f} | "
-                     f"{row['ratio']:.3f} |")
+        lines.append(f"| {name} | {row['views']} | {row['border_jump']:.3f} ({row['border_median']:.3f}) | "
+                     f"{row['interior_jump']:.3f} ({row['interior_median']:.3f}) | {row['ratio']:.3f} | "
+                     f"{row['ratio_all_interior']:.3f} |")
     md_ratio = next(iter(rows.values()))["ratio"]
     lines += ["", f"default-overlap seam ratio {md_ratio:.3f} (bar <= {SEAM_BAR}): {'PASS' if md_ratio <= SEAM_BAR else 'FAIL'}"]
     sys.stdout.write("\n".join(lines) + "\n")
