@@ -45,17 +45,3 @@ def test_shipped_demo_model_is_small_and_loads_like_stable_diffusion():
     assert all(p.suffix != ".bin" for p in files)
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (DEMO_MODEL_DIR / sub).is_dir()
-
-
-def test_demo_model_follows_prompts(demo_manager):
-    """16-prompt version of tools/eval_demo_model.py with the issue's thresholds."""
-    from tools.eval_demo_model import evaluate
-
-    torch.manual_seed(0)
-    report = evaluate(demo_manager, n=16, steps=20, guidance=7.5, sampler="DDIM", progress=False)
-    acc = report["accuracy"]
-    failures = [r for r in report["rows"] if not all(v for k, v in r.items() if k in ("color", "background", "shape", "position") and v is not None)]
-    assert acc["color"] >= 0.95 and acc["background"] >= 0.95, failures
-    assert acc["shape"] >= 0.85 and acc["position"] >= 0.85, failures
-    assert demo_manager.native_size == 256
-    assert demo_manager.guard.safety_status.startswith("not applicable")
