@@ -145,6 +145,24 @@ def test_watermark_decodes_on_flat_demo_images():
         assert marker.found(Image.open(io.BytesIO(buffer.getvalue())))
 
 
+@pytest.mark.parametrize("size", [(512, 512), (300, 260), (1024, 264)])
+def test_batched_watermark_embedding_matches_the_package_encoder(size):
+    """The guard's batched dwtDctSvd embedding gives the invisible-watermark package's pixels."""
+    from imwatermark import WatermarkEncoder
+
+    rng = np.random.default_rng(size[0])
+    small = rng.integers(0, 256, (size[1] // 16 + 1, size[0] // 16 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    encoder = WatermarkEncoder()
+    encoder.set_watermark("bytes", b"TeamX")
+    reference = encoder.encode(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]), "dwtDctSvd")[:, :, ::-1]
+    ours = np.asarray(Watermarker("TeamX").apply(image)[0])
+    assert ours.shape == reference.shape
+    assert int(np.abs(ours.astype(int) - reference.astype(int)).max()) <= 1
+    assert float(np.mean(ours != reference)) < 1e-3
+    assert not np.array_equal(ours, np.asarray(image))  # something was embedded
+
+
 def test_small_image_is_delivered_with_watermark_skipped(tiny_manager):
     result = tiny_manager.txt2img(Txt2ImgRequest(prompt=PROMPT, steps=2, seed=5, width=128, height=128))
     assert result.metadata[0]["watermark"] == "skipped (too small)"

@@ -209,15 +209,12 @@ def small_safety_filter(device: str = "cpu"):
 
 
 def encode_png(image, record: dict) -> bytes:
-    """The guard's PNG step alone: the same metadata chunks, to memory."""
-    import io
-
-    from pipelines.metadata import format_parameters, png_info
+    """The guard's PNG step alone (pipelines.guard.encode_png): the same metadata chunks, to memory."""
+    from pipelines.guard import encode_png as guard_png
+    from pipelines.metadata import format_parameters
 
     meta = dict(record, model="bench", model_hash="0" * 10)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=png_info(format_parameters(meta), meta))
-    return buffer.getvalue()
+    return guard_png(image, format_parameters(meta), meta)
 
 
 def bench_guard(sizes: list[int], repeats: int, out: Path) -> list[dict]:
@@ -503,7 +500,7 @@ def bench_preview(model: str, *, steps: int, size: int, repeats: int, out: Path,
 # ----------------------------------------------------------------------------- report
 
 
-def machine() -> dict:
+def machine(note: str = "") -> dict:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:10]
     except OSError:
@@ -511,15 +508,16 @@ def machine() -> dict:
     return dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
                 cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, lscpu=lscpu,
-                note="shared machine: another training process used one core; figures are medians of "
-                     "interleaved runs, compare the ratios, not the absolute seconds")
+                load_average_1min=os.getloadavg()[0], note=note)
 
 
 def markdown(report: dict) -> str:
     r = report
     lines = [f"SD Studio benchmark ({'--quick' if r['quick'] else 'full'}), {r['date']}; "
-             f"{r['machine']['cpu_count']} CPU cores, {r['machine']['torch_threads']} torch thread(s); "
-             "**shared machine** (a training job held one core): read the ratios, not the seconds.", ""]
+             f"{r['machine']['cpu_count']} CPU cores, {r['machine']['torch_threads']} torch thread(s), "
+             f"load average {r['machine'].get('load_average_1min', float('nan')):.2f} at the start"
+             + (f"; **{r['machine']['note']}**" if r['machine'].get('note') else "")
+             + ". Each variant is interleaved with its baseline: read the ratios first.", ""]
     if r.get("txt2img"):
         lines += ["### Text to image end to end vs bare diffusers", "",
                   "| model | size | steps | ours s | diffusers s | guard s | ratio | ratio without guard (bar <= 1.05) |",
@@ -604,6 +602,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=ROOT / "bench-results" / "bench.json")
     p.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    p.add_argument("--note", default="", help="a remark on the machine for the report (e.g. another job ran)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -617,7 +616,7 @@ def main(argv: list[str] | None = None) -> dict:
     sections = set(args.sections.split(","))
     work = Path(tempfile.mkdtemp(prefix="sdstudio-bench-"))
     report: dict = dict(quick=quick, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        machine=machine(), models=models, repeats=repeats, errors={})
+                        machine=machine(args.note), models=models, repeats=repeats, errors={})
     t2i_steps = 8 if quick else 20
 
     def attempt(key: str, fn):
