@@ -45,3 +45,21 @@ def test_shipped_demo_model_is_small_and_loads_like_stable_diffusion():
     assert all(p.suffix != ".bin" for p in files)
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (DEMO_MODEL_DIR / sub).is_dir()
+
+
+def test_training_noise_hides_the_image_mean_and_layout():
+    """The low-frequency training noise adds per-image offsets (1x1) and coarse layout (2x2)."""
+    from tools.train_demo_model import low_frequency_noise
+
+    shape = (256, 4, 32, 32)
+    white = low_frequency_noise(shape, torch.Generator().manual_seed(0), ())
+    offset = low_frequency_noise(shape, torch.Generator().manual_seed(0), (0.3,))
+    pyramid = low_frequency_noise(shape, torch.Generator().manual_seed(0), (0.0, 0.5))
+    # Per-image, per-channel means: white noise averages to 1/32; the 1x1 level adds 0.3.
+    assert float(white.mean(dim=(2, 3)).std()) < 0.04
+    assert 0.27 < float(offset.mean(dim=(2, 3)).std()) < 0.34
+    # The 2x2 level makes the left half differ from the right half; white noise barely does.
+    def halves(x):
+        return float((x[..., :16].mean(dim=(2, 3)) - x[..., 16:].mean(dim=(2, 3))).std())
+    assert halves(white) < 0.08  # two 512-pixel means: 0.0625 expected
+    assert halves(pyramid) > 0.2

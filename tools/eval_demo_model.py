@@ -35,6 +35,7 @@ from pipelines.requests import Txt2ImgRequest  # noqa: E402
 from tools.demo_world import COLORS, POSITIONS, SHAPES, Scene, analyze  # noqa: E402
 
 ATTRIBUTES = ("color", "background", "shape", "position")
+BARS = {"color": 0.95, "background": 0.95, "shape": 0.85, "position": 0.85}  # issue 4's bar
 
 
 def eval_prompts(n: int, seed: int = 0) -> list[Scene]:
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", help="write the full report here")
+    p.add_argument("--no-safety-checker", dest="safety_checker", action="store_false",
+                   help="for a model folder other than the bundled one (e.g. a fresh training run), which "
+                        "has no safety checker of its own; the bundled model needs none")
+    p.add_argument("--card", action="store_true",
+                   help="also write the table into the model folder's README.md (section 'Prompt adherence')")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -104,16 +110,51 @@ def main(argv: list[str] | None = None) -> dict:
 
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as out:
-        manager = PipelineManager(AppConfig(model=args.model, output_dir=Path(out), device="cpu", save=False))
+        manager = PipelineManager(AppConfig(model=args.model, output_dir=Path(out), device="cpu", save=False,
+                                           safety_checker=args.safety_checker))
         report = evaluate(manager, args.n, args.steps, args.guidance, args.sampler, args.seed)
-    print(f"| attribute | accuracy ({args.n} prompts, {args.steps} {args.sampler} steps, guidance {args.guidance}) |")
-    print("|---|---|")
-    for attr, acc in report["accuracy"].items():
-        print(f"| {attr} | {acc:.1%} |")
-    print(f"\nmedian seconds per image at {report['size']} px: {report['median_seconds_per_image']:.2f}")
+    table = adherence_table(report, args)
+    print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.card:
+        card = write_card_section(model_folder(args.model), table)
+        print(f"wrote the table into {card}")
     return report
+
+
+def adherence_table(report: dict, args) -> str:
+    lines = [f"| attribute | accuracy ({report['n']} prompts, {report['steps']} {report['sampler']} steps, "
+             f"guidance {report['guidance_scale']}) | bar |", "|---|---|---|"]
+    for attr, acc in report["accuracy"].items():
+        lines.append(f"| {attr} | {acc:.1%} | {BARS[attr]:.0%} |")
+    lines.append("")
+    lines.append(f"median seconds per image at {report['size']} px: {report['median_seconds_per_image']:.2f} "
+                 f"({args.threads or 'default'} torch threads)")
+    return "\n".join(lines)
+
+
+def model_folder(model: str) -> Path:
+    from pipelines.config import DEMO_MODEL_DIR
+
+    return DEMO_MODEL_DIR if model == "demo" else Path(model)
+
+
+def write_card_section(folder: Path, table: str) -> Path:
+    """Replace (or add) the model card's '## Prompt adherence' section with ``table``."""
+    card = folder / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    head = "## Prompt adherence"
+    section = f"{head}\n\nMeasured by `python tools/eval_demo_model.py` (fixed prompts and seeds):\n\n{table}\n"
+    if head in text:
+        start = text.index(head)
+        rest = text[start + len(head):]
+        end = rest.find("\n## ")
+        text = text[:start] + section + ("\n" + rest[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    card.write_text(text, encoding="utf-8")
+    return card
 
 
 if __name__ == "__main__":
