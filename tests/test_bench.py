@@ -35,3 +35,16 @@ def test_preview_section_report(tiny_model_dir, tmp_path):
     row = bench.bench_preview(str(tiny_model_dir), steps=3, size=0, repeats=1, out=tmp_path, every=2)
     assert row["previews_per_image"] == 2 and row["preview_size"] == [64, 64]
     assert math.isfinite(row["overhead"]) and 0 < row["overhead_from_call_cost"] < math.inf
+
+
+def test_canvas_section_report():
+    """The canvas section (bench_canvas's cases, diffusers' panorama views included) reports both ratios."""
+    row = bench.bench_canvas("tiny512", steps=1, repeats=1)
+    row["model_name"] = "tiny"
+    assert set(row["median_s"]) == {"txt2img", "canvas default", "canvas panorama views",
+                                    "diffusers panorama (view_batch_size=1)"}
+    assert set(row["ratios"]) == {"canvas default / one native image", "canvas panorama views / diffusers panorama"}
+    assert all(math.isfinite(v) and v > 0 for v in row["ratios"].values())
+    table = bench.markdown(dict(quick=True, date="now", machine=bench.machine(), canvas=[row], errors={}))
+    assert "### Large canvas 1024x512 vs one 512 px image (tiny, 1 steps)" in table
+    assert "| ratio: canvas panorama views / diffusers panorama |" in table

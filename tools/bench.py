@@ -261,7 +261,7 @@ def bench_canvas(model: str, *, steps: int, repeats: int, size: int = 0, panoram
     pipe = bc.load_pipeline(model, "cpu", "auto")
     native = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
     args = argparse.Namespace(size=size or native, steps=steps, sampler=SAMPLER, guidance_scale=7.5)
-    cases = bc.build_cases(pipe, args)
+    cases = bc.build_cases(pipe, args, steps)
     keep = ["txt2img", "canvas default"]
     if panorama:
         keep += ["canvas panorama views", "diffusers panorama (view_batch_size=1)"]
@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = attempt(f"canvas {name}", lambda: bench_canvas(model if name != "tiny512" else "tiny512",
                                                                  steps=3 if quick else 10,
                                                                  repeats=2 if quick else repeats,
-                                                                 panorama=not quick))
+                                                                 panorama=True))
             if row:
                 row["model_name"] = name
                 report["canvas"].append(row)
