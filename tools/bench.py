@@ -653,7 +653,7 @@ def main(argv: list[str] | None = None) -> dict:
             progress(f"canvas {name}")
             model, _ = named(name)
             row = attempt(f"canvas {name}", lambda: bench_canvas(model if name != "tiny512" else "tiny512",
-                                                                 steps=3 if quick else 10,
+                                                                 steps=10,
                                                                  repeats=2 if quick else repeats,
                                                                  panorama=True))
             if row:
