@@ -63,3 +63,20 @@ def test_training_noise_hides_the_image_mean_and_layout():
         return float((x[..., :16].mean(dim=(2, 3)) - x[..., 16:].mean(dim=(2, 3))).std())
     assert halves(white) < 0.08  # two 512-pixel means: 0.0625 expected
     assert halves(pyramid) > 0.2
+
+
+def test_demo_model_follows_colour_prompts(demo_manager):
+    """16-prompt version of tools/eval_demo_model.py: object and background colour at the issue's 95%.
+
+    Shape and position are below the bar (85%) on the shipped weights and are left to the open
+    issue; this keeps what the model does get right from regressing (the first bundled model
+    scored 44% / 19% here).
+    """
+    from tools.eval_demo_model import evaluate
+
+    report = evaluate(demo_manager, n=16, steps=20, guidance=7.5, sampler="DDIM", progress=False)
+    acc = report["accuracy"]
+    misses = [(r["prompt"], r["read"]) for r in report["rows"] if not (r["color"] and r["background"])]
+    assert acc["color"] >= 0.95 and acc["background"] >= 0.95, misses
+    assert demo_manager.native_size == 256
+    assert demo_manager.guard.safety_status.startswith("not applicable")
