@@ -35,6 +35,9 @@ def test_smoke_training_writes_a_model_the_studio_loads(tmp_path):
     assert not (out / "vae-stage1").exists()
     manager = PipelineManager(AppConfig(model=str(out), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
     assert manager.info.source.kind == "folder" and manager.native_size == 64
+    config = manager.pipe.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == (
+        "v_prediction", True, "trailing")
     result = manager.txt2img(Txt2ImgRequest(prompt="a red circle on a blue background", steps=2, seed=1))
     assert np.asarray(result.images[0]).shape == (64, 64, 3)
 
@@ -63,6 +66,36 @@ def test_training_noise_hides_the_image_mean_and_layout():
         return float((x[..., :16].mean(dim=(2, 3)) - x[..., 16:].mean(dim=(2, 3))).std())
     assert halves(white) < 0.08  # two 512-pixel means: 0.0625 expected
     assert halves(pyramid) > 0.2
+
+
+def test_zero_terminal_snr_schedule_ends_in_pure_noise_and_keeps_loss_weights_finite():
+    from diffusers import DDPMScheduler
+
+    from tools.train_demo_model import min_snr_weights, scheduler_config
+
+    t = torch.tensor([0, 500, 951, 999])
+    zero = DDPMScheduler.from_config(scheduler_config("v_prediction", True))
+    sd = DDPMScheduler.from_config(scheduler_config("epsilon", False))
+    assert float(zero.alphas_cumprod[-1]) == 0.0  # the last training step shows no picture at all
+    assert float(sd.alphas_cumprod[-1].sqrt()) == pytest.approx(0.068, abs=0.001)  # SD's shows 6.8% of it
+    w = min_snr_weights(zero, t)
+    assert torch.isfinite(w).all() and float(w[-1]) == 1.0 and float(w[0]) == pytest.approx(5.0 / (1 + 1 / 0.00085 - 1), rel=0.05)
+    # The epsilon weights are unchanged: min(SNR, 5) / SNR.
+    assert torch.allclose(min_snr_weights(sd, t)[2:], torch.ones(2))
+
+
+def test_training_refuses_epsilon_with_zero_terminal_snr(capsys):
+    from tools.train_demo_model import build_unet, parse_args, scheduler_config
+
+    with pytest.raises(ValueError, match="unet levels must be 3 or 4, got 5"):
+        build_unet(64, 5)
+    with pytest.raises(ValueError, match="v_prediction"):
+        scheduler_config("epsilon", True)
+    with pytest.raises(SystemExit):
+        parse_args(["--prediction-type", "epsilon"])
+    assert "zero terminal SNR needs --prediction-type v_prediction" in capsys.readouterr().err
+    args = parse_args(["--prediction-type", "epsilon", "--no-zero-terminal-snr"])
+    assert args.scheduler_config["prediction_type"] == "epsilon" and "rescale_betas_zero_snr" not in args.scheduler_config
 
 
 def test_demo_model_follows_colour_prompts(demo_manager):

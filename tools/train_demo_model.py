@@ -59,6 +59,26 @@ SCHEDULER_CONFIG = dict(
 )
 
 
+def scheduler_config(prediction_type: str, zero_terminal_snr: bool) -> dict:
+    """SD 1.x's schedule, optionally with zero terminal SNR (Lin et al. 2024, arXiv 2305.08891).
+
+    With SD's own schedule the noisiest timestep still shows the picture at
+    ``sqrt(alphas_cumprod[999]) = 0.068`` of its amplitude, so a model learns to read the
+    layout off the starting noise instead of the prompt, and then places the object wherever
+    the noise suggests. Rescaling the betas so the last timestep is pure noise removes that
+    shortcut; it needs v-prediction (epsilon is undefined where there is no signal) and
+    "trailing" timestep spacing so samplers start at the pure-noise step. Every one of the
+    studio's samplers reads these fields from the checkpoint's scheduler config (SD 2.x
+    checkpoints use v-prediction the same way).
+    """
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ValueError("zero terminal SNR needs --prediction-type v_prediction (epsilon is undefined at SNR 0)")
+    config = dict(SCHEDULER_CONFIG, prediction_type=prediction_type)
+    if zero_terminal_snr:
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return config
+
+
 def build_vae(size: int) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
@@ -89,18 +109,21 @@ def build_text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_unet(size: int) -> UNet2DConditionModel:
+def build_unet(size: int, levels: int = 3) -> UNet2DConditionModel:
+    if levels not in (3, 4):
+        raise ValueError(f"unet levels must be 3 or 4, got {levels}")
+    # No attention at full latent resolution: 1024-token self-attention would cost more than
+    # the rest of the UNet on a CPU; position and colour are carried by cross-attention at
+    # 16x16 and 8x8 (and 4x4 with a fourth level, whose bottleneck sees the whole picture).
+    channels = (32, 64, 128, 128)[:levels]
     return UNet2DConditionModel(
         sample_size=size // 8,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        # No attention at full latent resolution: 1024-token self-attention would cost
-        # more than the rest of the UNet on a CPU; position and colour are carried by
-        # cross-attention at 16x16 and 8x8.
-        block_out_channels=(32, 64, 128),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
         cross_attention_dim=128,
         attention_head_dim=4,
         norm_num_groups=16,
@@ -188,9 +211,16 @@ def caption(scene, rng: random.Random, drop_prob: float) -> str:
 
 
 def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for epsilon prediction (arXiv 2303.09556, eq. 8)."""
+    """Min-SNR-gamma loss weights (arXiv 2303.09556, eq. 8) for the scheduler's prediction type.
+
+    For epsilon, ``min(SNR, gamma) / SNR``. For v-prediction the v loss already equals
+    ``(SNR + 1)`` times the epsilon loss, so the weight is ``min(SNR + 1, gamma) / (SNR + 1)``:
+    1 at high noise (where SNR may be exactly 0 under zero terminal SNR) and capped at low noise.
+    """
     alphas_cumprod = scheduler.alphas_cumprod[timesteps]
     snr = alphas_cumprod / (1 - alphas_cumprod)
+    if scheduler.config.prediction_type == "v_prediction":
+        return torch.clamp(snr + 1, max=gamma) / (snr + 1)
     return torch.clamp(snr, max=gamma) / snr
 
 
@@ -235,7 +265,7 @@ def sample_timesteps(n: int, num_train_timesteps: int, high_frac: float, generat
 
 
 def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: random.Random) -> dict:
-    scheduler = DDPMScheduler.from_config(SCHEDULER_CONFIG)
+    scheduler = DDPMScheduler.from_config(args.scheduler_config)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
@@ -261,7 +291,8 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
         noisy = scheduler.add_noise(x0, noise, t)
         cond = text_encoder(ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        target = scheduler.get_velocity(x0, noise, t) if args.prediction_type == "v_prediction" else noise
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(scheduler, t)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,11 +314,14 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
 def write_model_card(out: Path, args, stats: dict, counts: dict) -> None:
     size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
     metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in stats.items())
+    schedule = "SD 1.x noise schedule" + (
+        ", rescaled to zero terminal SNR" if args.zero_terminal_snr else "") + f", {args.prediction_type}"
+    snr_flag = "--zero-terminal-snr" if args.zero_terminal_snr else "--no-zero-terminal-snr"
     card = f"""# SD Studio demo model
 
 A small text-to-image latent diffusion model in the Stable Diffusion 1.x diffusers format
 (UNet2DConditionModel, AutoencoderKL with f=8 and 4 latent channels, CLIP text encoder and
-tokenizer, SD 1.x scheduler config), trained from scratch by this project on procedurally
+tokenizer, {schedule}), trained from scratch by this project on procedurally
 drawn images. It draws one object (circle, square, triangle) in one of eight colours on a
 plain background of another colour, optionally at a named position:
 
@@ -302,12 +336,12 @@ nothing outside this world. No safety checker applies to it: its world has no pe
 |---|---|
 """ + "\n".join(f"| {k} | {v:,} |" for k, v in counts.items()) + f"""
 
-Native size {args.size}x{args.size} px ({args.size // 8}x{args.size // 8} latents). Weights in safetensors,
+Native size {args.size}x{args.size} px ({args.size // 8}x{args.size // 8} latents), a {args.unet_levels}-level UNet. Weights in safetensors,
 {size_mb:.1f} MB in all.
 
 ## Training
 
-    python tools/train_demo_model.py --seed {args.seed} --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --dataset {args.dataset} --batch {args.batch} --low-freq-noise {",".join(f"{v:g}" for v in args.low_freq_noise)} --high-noise-frac {args.high_noise_frac:g}{f" --vae-from {args.vae_from}" if args.vae_from else ""}
+    python tools/train_demo_model.py --seed {args.seed} --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --dataset {args.dataset} --batch {args.batch} --low-freq-noise {",".join(f"{v:g}" for v in args.low_freq_noise)} --high-noise-frac {args.high_noise_frac:g} --prediction-type {args.prediction_type} {snr_flag} --unet-levels {args.unet_levels}{f" --vae-from {args.vae_from}" if args.vae_from else ""}
 
 on {torch.get_num_threads()} CPU threads, torch {torch.__version__}; it took {stats.get('train_minutes', 0):.1f} minutes.
 
@@ -342,6 +376,11 @@ def parse_args(argv=None):
                    help="fraction of training timesteps drawn from the noisiest 30%% (the rest uniform)")
     p.add_argument("--low-freq-noise", default="0.3,0.35,0.3",
                    help="strengths of extra training noise at 1x1, 2x2, 4x4, ... (comma-separated; 0 turns it off)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction")
+    p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=True,
+                   help="rescale the schedule so the last timestep is pure noise (needs v_prediction)")
+    p.add_argument("--unet-levels", type=int, choices=(3, 4), default=4,
+                   help="UNet resolution levels: 3 (32/16/8 latent px) or 4 (down to a 4x4 bottleneck)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine, 2 threads stall on each other)")
     p.add_argument("--resume-vae", action="store_true", help="reuse OUT/vae-stage1 from an interrupted run")
@@ -354,6 +393,10 @@ def parse_args(argv=None):
         args.low_freq_noise = tuple(float(v) for v in str(args.low_freq_noise).split(",") if v.strip())
     except ValueError:
         p.error(f"--low-freq-noise must be comma-separated numbers, got {args.low_freq_noise!r}")
+    try:
+        args.scheduler_config = scheduler_config(args.prediction_type, args.zero_terminal_snr)
+    except ValueError as err:
+        p.error(str(err))
     if args.smoke:
         args.size, args.vae_steps, args.vae_batch, args.vae_crop = 64, 3, 2, 64
         args.dataset, args.unet_steps, args.batch = 16, 3, 4
@@ -377,7 +420,7 @@ def main(argv=None) -> Path:
     vocab = tokenizer.get_vocab()
     vae = build_vae(args.size)
     text_encoder = build_text_encoder(len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    unet = build_unet(args.size)
+    unet = build_unet(args.size, args.unet_levels)
     counts = {"unet": param_count(unet), "vae": param_count(vae), "text_encoder": param_count(text_encoder)}
     log.info("parameters: %s", counts)
 
@@ -413,7 +456,7 @@ def main(argv=None) -> Path:
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         unet=unet.eval(),
-        scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler.from_config(args.scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
