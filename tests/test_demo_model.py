@@ -42,6 +42,30 @@ def test_smoke_training_writes_a_model_the_studio_loads(tmp_path):
     assert np.asarray(result.images[0]).shape == (64, 64, 3)
 
 
+def test_training_continues_from_an_earlier_run_and_refuses_a_mismatched_one(tmp_path):
+    from tools.train_demo_model import main as train
+
+    first = train(["--smoke", "--quiet", "--out", str(tmp_path / "a")])
+    second = train(["--smoke", "--quiet", "--seed", "1", "--init-from", str(first), "--out", str(tmp_path / "b")])
+    from diffusers import UNet2DConditionModel
+
+    a = UNet2DConditionModel.from_pretrained(first / "unet").state_dict()
+    b = UNet2DConditionModel.from_pretrained(second / "unet").state_dict()
+    fresh = UNet2DConditionModel.from_pretrained(
+        train(["--smoke", "--quiet", "--seed", "1", "--out", str(tmp_path / "c")]) / "unet").state_dict()
+    key = "conv_in.weight"
+    # Three smoke steps move the weights a little: b is a's weights trained further, not a fresh start.
+    assert float((b[key] - a[key]).abs().max()) < float((fresh[key] - a[key]).abs().max()) / 10
+    assert not torch.equal(a[key], b[key])
+    with pytest.raises(SystemExit, match="4-level UNet, this run asks for --unet-levels 3"):
+        train(["--smoke", "--quiet", "--unet-levels", "3", "--init-from", str(first), "--out", str(tmp_path / "d")])
+    with pytest.raises(SystemExit, match="trained with prediction_type='v_prediction', this run asks for 'epsilon'"):
+        train(["--smoke", "--quiet", "--prediction-type", "epsilon", "--no-zero-terminal-snr",
+               "--init-from", str(first), "--out", str(tmp_path / "d")])
+    with pytest.raises(SystemExit, match="not a diffusers model folder"):
+        train(["--smoke", "--quiet", "--init-from", str(tmp_path), "--out", str(tmp_path / "e")])
+
+
 def test_shipped_demo_model_is_small_and_loads_like_stable_diffusion():
     files = [p for p in DEMO_MODEL_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 40 * 1024 * 1024

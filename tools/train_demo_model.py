@@ -356,6 +356,24 @@ Prompt adherence is measured by `python tools/eval_demo_model.py` (see the proje
     (out / "README.md").write_text(card, encoding="utf-8")
 
 
+def load_stage2(folder: Path, args) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """UNet and text encoder of an earlier run, to train further (``--init-from``)."""
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        raise SystemExit(f"--init-from: {folder} is not a diffusers model folder (no scheduler/scheduler_config.json)")
+    config = json.loads(config_file.read_text())
+    for key in ("prediction_type", "rescale_betas_zero_snr"):
+        want = args.scheduler_config.get(key, False)
+        if config.get(key, False) != want:
+            raise SystemExit(f"--init-from: {folder} was trained with {key}={config.get(key, False)!r}, "
+                             f"this run asks for {want!r}; pass the matching --prediction-type / --zero-terminal-snr")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    levels = len(unet.config.block_out_channels)
+    if levels != args.unet_levels:
+        raise SystemExit(f"--init-from: {folder} has a {levels}-level UNet, this run asks for --unet-levels {args.unet_levels}")
+    return unet, CLIPTextModel.from_pretrained(folder / "text_encoder")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "assets" / "demo-model"), help="output diffusers folder")
@@ -386,6 +404,8 @@ def parse_args(argv=None):
     p.add_argument("--resume-vae", action="store_true", help="reuse OUT/vae-stage1 from an interrupted run")
     p.add_argument("--vae-from", help="reuse the stage-1 autoencoder of an earlier run (a diffusers vae folder) "
                    "instead of training it; stage 2 is unchanged")
+    p.add_argument("--init-from", help="continue training the UNet and text encoder of an earlier run's folder "
+                   "(its VAE too, unless --vae-from); use another --seed so the batches differ")
     p.add_argument("--smoke", action="store_true", help="same code, a few steps: for CI")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -421,6 +441,9 @@ def main(argv=None) -> Path:
     vae = build_vae(args.size)
     text_encoder = build_text_encoder(len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id)
     unet = build_unet(args.size, args.unet_levels)
+    if args.init_from:
+        unet, text_encoder = load_stage2(Path(args.init_from), args)
+        args.vae_from = args.vae_from or str(Path(args.init_from) / "vae")
     counts = {"unet": param_count(unet), "vae": param_count(vae), "text_encoder": param_count(text_encoder)}
     log.info("parameters: %s", counts)
 
