@@ -35,9 +35,9 @@ def test_smoke_training_writes_a_model_the_studio_loads(tmp_path):
     assert not (out / "vae-stage1").exists()
     manager = PipelineManager(AppConfig(model=str(out), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
     assert manager.info.source.kind == "folder" and manager.native_size == 64
-    config = manager.pipe.scheduler.config
+    config = manager.pipe.scheduler.config  # the defaults keep SD 1.x's schedule, like the shipped weights
     assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == (
-        "v_prediction", True, "trailing")
+        "epsilon", False, "leading")
     result = manager.txt2img(Txt2ImgRequest(prompt="a red circle on a blue background", steps=2, seed=1))
     assert np.asarray(result.images[0]).shape == (64, 64, 3)
 
@@ -45,23 +45,30 @@ def test_smoke_training_writes_a_model_the_studio_loads(tmp_path):
 def test_training_continues_from_an_earlier_run_and_refuses_a_mismatched_one(tmp_path):
     from tools.train_demo_model import main as train
 
-    first = train(["--smoke", "--quiet", "--out", str(tmp_path / "a")])
-    second = train(["--smoke", "--quiet", "--seed", "1", "--init-from", str(first), "--out", str(tmp_path / "b")])
+    vpred = ["--prediction-type", "v_prediction", "--zero-terminal-snr"]
+    first = train(["--smoke", "--quiet", *vpred, "--out", str(tmp_path / "a")])
+    second = train(["--smoke", "--quiet", *vpred, "--seed", "1", "--init-from", str(first), "--out", str(tmp_path / "b")])
+    # The continued v-prediction model loads through the normal loader with its schedule.
+    manager = PipelineManager(AppConfig(model=str(second), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
+    config = manager.pipe.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == (
+        "v_prediction", True, "trailing")
+    image = manager.txt2img(Txt2ImgRequest(prompt="a red circle on a blue background", steps=2, seed=1)).images[0]
+    assert np.isfinite(np.asarray(image, dtype=np.float32)).all() and np.asarray(image).shape == (64, 64, 3)
     from diffusers import UNet2DConditionModel
 
     a = UNet2DConditionModel.from_pretrained(first / "unet").state_dict()
     b = UNet2DConditionModel.from_pretrained(second / "unet").state_dict()
     fresh = UNet2DConditionModel.from_pretrained(
-        train(["--smoke", "--quiet", "--seed", "1", "--out", str(tmp_path / "c")]) / "unet").state_dict()
+        train(["--smoke", "--quiet", *vpred, "--seed", "1", "--out", str(tmp_path / "c")]) / "unet").state_dict()
     key = "conv_in.weight"
     # Three smoke steps move the weights a little: b is a's weights trained further, not a fresh start.
     assert float((b[key] - a[key]).abs().max()) < float((fresh[key] - a[key]).abs().max()) / 10
     assert not torch.equal(a[key], b[key])
-    with pytest.raises(SystemExit, match="4-level UNet, this run asks for --unet-levels 3"):
-        train(["--smoke", "--quiet", "--unet-levels", "3", "--init-from", str(first), "--out", str(tmp_path / "d")])
+    with pytest.raises(SystemExit, match="3-level UNet, this run asks for --unet-levels 4"):
+        train(["--smoke", "--quiet", *vpred, "--unet-levels", "4", "--init-from", str(first), "--out", str(tmp_path / "d")])
     with pytest.raises(SystemExit, match="trained with prediction_type='v_prediction', this run asks for 'epsilon'"):
-        train(["--smoke", "--quiet", "--prediction-type", "epsilon", "--no-zero-terminal-snr",
-               "--init-from", str(first), "--out", str(tmp_path / "d")])
+        train(["--smoke", "--quiet", "--init-from", str(first), "--out", str(tmp_path / "d")])
     with pytest.raises(SystemExit, match="not a diffusers model folder"):
         train(["--smoke", "--quiet", "--init-from", str(tmp_path), "--out", str(tmp_path / "e")])
 
@@ -116,7 +123,7 @@ def test_training_refuses_epsilon_with_zero_terminal_snr(capsys):
     with pytest.raises(ValueError, match="v_prediction"):
         scheduler_config("epsilon", True)
     with pytest.raises(SystemExit):
-        parse_args(["--prediction-type", "epsilon"])
+        parse_args(["--zero-terminal-snr"])  # with the default epsilon
     assert "zero terminal SNR needs --prediction-type v_prediction" in capsys.readouterr().err
     args = parse_args(["--prediction-type", "epsilon", "--no-zero-terminal-snr"])
     assert args.scheduler_config["prediction_type"] == "epsilon" and "rescale_betas_zero_snr" not in args.scheduler_config
