@@ -291,7 +291,7 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
         noisy = scheduler.add_noise(x0, noise, t)
         cond = text_encoder(ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        target = scheduler.get_velocity(x0, noise, t) if args.prediction_type == "v_prediction" else noise
+        target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weights(scheduler, t)).mean()
         opt.zero_grad(set_to_none=True)
