@@ -144,3 +144,59 @@ def test_demo_model_follows_colour_prompts(demo_manager):
     assert acc["color"] >= 0.95 and acc["background"] >= 0.95, misses
     assert demo_manager.native_size == 256
     assert demo_manager.guard.safety_status.startswith("not applicable")
+
+
+def test_decoder_finetune_changes_only_the_decoder(tmp_path):
+    """Stage 1b keeps the encoder, so the latent space a trained UNet works in stays exactly the same."""
+    from tools.train_demo_model import build_vae, parse_args, to_tensor, train_decoder
+
+    torch.manual_seed(0)
+    vae = build_vae(64)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    image = to_tensor([render(Scene("red", "square", "blue", "center"), 64, random.Random(0))])
+    with torch.no_grad():
+        z_before = vae.encode(image).latent_dist.mean
+    stats = train_decoder(vae, parse_args(["--smoke", "--quiet", "--decoder-steps", "2"]))
+    after = vae.state_dict()
+    encoder_keys = [k for k in after if k.startswith(("encoder.", "quant_conv."))]
+    decoder_keys = [k for k in after if k.startswith(("decoder.", "post_quant_conv.")) and k.endswith("weight")]
+    assert encoder_keys and decoder_keys
+    assert all(torch.equal(before[k], after[k]) for k in encoder_keys)
+    assert sum(not torch.equal(before[k], after[k]) for k in decoder_keys) == len(decoder_keys)
+    with torch.no_grad():
+        assert torch.equal(vae.encode(image).latent_dist.mean, z_before)
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
+    assert np.isfinite(stats["decoder_l1"]) and stats["decoder_l1"] > 0
+
+
+def test_smoke_training_with_decoder_stage_and_asymmetric_downsampling_loads(tmp_path):
+    import json
+
+    from tools.train_demo_model import main as train
+
+    vpred = ["--prediction-type", "v_prediction", "--zero-terminal-snr"]
+    out = train(["--smoke", "--quiet", *vpred, "--decoder-steps", "5", "--downsample-padding", "0",
+                 "--out", str(tmp_path / "a")])
+    stats = json.loads((out / "training.json").read_text())["stats"]
+    assert stats["decoder_steps"] == 2  # --smoke caps the stage at two steps
+    manager = PipelineManager(AppConfig(model=str(out), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
+    unet = manager.pipe.unet
+    assert unet.config.downsample_padding == 0
+    assert all(block.downsamplers[0].padding == 0 for block in unet.down_blocks if block.downsamplers)
+    image = manager.txt2img(Txt2ImgRequest(prompt="a red circle in the top left on a blue background",
+                                           steps=2, seed=1)).images[0]
+    assert np.asarray(image).shape == (64, 64, 3)
+    with pytest.raises(SystemExit, match="downsample padding 0, this run asks for --downsample-padding 1"):
+        train(["--smoke", "--quiet", *vpred, "--init-from", str(out), "--out", str(tmp_path / "b")])
+
+
+def test_sweep_grades_a_trained_folder_like_the_evaluation(tmp_path):
+    from tools.sweep_demo_model import grade_folder
+    from tools.train_demo_model import main as train
+
+    out = train(["--smoke", "--quiet", "--out", str(tmp_path / "a")])
+    report = grade_folder(out, n=4, device="cpu", batch=2)
+    assert set(report["accuracy"]) == {"color", "background", "shape", "position"}
+    assert all(0 <= v <= 100 for v in report["accuracy"].values())
+    assert report["worst"] == min(report["accuracy"]["shape"], report["accuracy"]["position"])
+    assert 0 <= report["median_fill"] <= 1

@@ -138,3 +138,15 @@ def analyze(image: np.ndarray) -> Analysis:
     cy = (y0 + y1) / 2 / h
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
     return Analysis(background, color, shape, position, fill)
+
+
+def eval_prompts(n: int, seed: int = 0) -> list[Scene]:
+    """``n`` scenes cycling through the shapes, half of them with a named position."""
+    rng = random.Random(seed)
+    scenes = []
+    positions = sorted(POSITIONS)
+    for i in range(n):
+        color, background = rng.sample(sorted(COLORS), 2)
+        position = positions[(i // 2) % len(positions)] if i % 2 == 0 else None
+        scenes.append(Scene(color, SHAPES[i % len(SHAPES)], background, position))
+    return scenes

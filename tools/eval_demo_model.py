@@ -32,22 +32,10 @@ if str(ROOT) not in sys.path:
 from pipelines.config import AppConfig  # noqa: E402
 from pipelines.manager import PipelineManager  # noqa: E402
 from pipelines.requests import Txt2ImgRequest  # noqa: E402
-from tools.demo_world import COLORS, POSITIONS, SHAPES, Scene, analyze  # noqa: E402
+from tools.demo_world import analyze, eval_prompts  # noqa: E402
 
 ATTRIBUTES = ("color", "background", "shape", "position")
 BARS = {"color": 0.95, "background": 0.95, "shape": 0.85, "position": 0.85}  # issue 4's bar
-
-
-def eval_prompts(n: int, seed: int = 0) -> list[Scene]:
-    """``n`` scenes cycling through the shapes, half of them with a named position."""
-    rng = random.Random(seed)
-    scenes = []
-    positions = sorted(POSITIONS)
-    for i in range(n):
-        color, background = rng.sample(sorted(COLORS), 2)
-        position = positions[(i // 2) % len(positions)] if i % 2 == 0 else None
-        scenes.append(Scene(color, SHAPES[i % len(SHAPES)], background, position))
-    return scenes
 
 
 def evaluate(manager: PipelineManager, n: int = 64, steps: int = 20, guidance: float = 7.5,
