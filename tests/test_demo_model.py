@@ -200,3 +200,11 @@ def test_sweep_grades_a_trained_folder_like_the_evaluation(tmp_path):
     assert all(0 <= v <= 100 for v in report["accuracy"].values())
     assert report["worst"] == min(report["accuracy"]["shape"], report["accuracy"]["position"])
     assert 0 <= report["median_fill"] <= 1
+
+
+def test_sweep_reports_how_far_an_unfinished_recipe_got():
+    from tools.sweep_demo_model import last_progress
+
+    log = "parameters: {}\rencode: 100%|##| 188/188\runet+text:   9%|#| 377/4000 [00:30<05:19, 11.34it/s]\r"
+    assert last_progress(log).startswith("unet+text:   9%|#| 377/4000")
+    assert last_progress("reusing the VAE of x\n") == "no progress bar yet"

@@ -11,18 +11,13 @@ common="--seed 0 --dataset 6000 --batch 24 --vae-from assets/demo-model/vae"
 v="--prediction-type v_prediction --zero-terminal-snr"
 cat > /tmp/recipes.json <<JSON
 {
-  "eps7k": "$common --unet-steps 7000",
-  "v7k": "$common $v --unet-steps 7000",
-  "vsd7k": "$common --prediction-type v_prediction --unet-steps 7000",
-  "epspyr7k": "$common --unet-steps 7000 --low-freq-noise 0.5,0.6,0.6,0.5 --high-noise-frac 0.5",
-  "vuni7k": "$common $v --unet-steps 7000 --high-noise-frac 0",
-  "eps7k-b96": "$common --unet-steps 7000 --batch 96",
-  "v7k-b96": "$common $v --unet-steps 7000 --batch 96"
+  "eps3k": "$common --unet-steps 3000 --batch 96",
+  "v3k": "$common $v --unet-steps 3000 --batch 96"
 }
 JSON
 python3 tools/sweep_demo_model.py --recipes /tmp/recipes.json --out /tmp/sweep --budget-s "${BUDGET_S:-460}" --threads 2 2>&1 | grep -v "Loading\|it/s\]" | tee "$OUT/sweep.log"
 cp /tmp/sweep/results.json "$OUT/" 2>/dev/null
-tail -c 600 /tmp/sweep/eps7k.log
+tail -c 600 /tmp/sweep/*.log | tr "\r" "\n" | tail -5
 # the two best finished recipes by min(shape, position), as split tars
 python3 - <<'PY' > /tmp/best.txt
 import json

@@ -7,6 +7,10 @@ adherence grading of ``tools/eval_demo_model.py`` runs on its result: the same p
 seeds, 20 DDIM steps and guidance 7.5, graded by the same image analysis. It is for choosing
 a recipe in minutes instead of hours; the shipped weights are still measured on the CPU.
 
+Measured on one H200 (2026-11-28): this small UNet is launch-bound there, about 11 steps/s
+alone at batch 96 (~8x the 2-core CPU at batch 24), and seven recipes sharing the GPU did not
+finish 7000 steps each in 7.5 minutes. Size a sweep as (recipes x steps) / ~12 steps/s.
+
     python tools/sweep_demo_model.py --recipes recipes.json --out /tmp/sweep --budget-s 500
 """
 
@@ -63,6 +67,12 @@ def grade_folder(folder: Path, n: int = 64, device: str = "cuda", batch: int = 1
             "worst": min(accuracy["shape"], accuracy["position"])}
 
 
+def last_progress(log: str) -> str:
+    """The last progress-bar line of a training log (tqdm rewrites its line with carriage returns)."""
+    lines = [line.strip() for line in log.replace("\r", "\n").splitlines() if "%|" in line]
+    return lines[-1] if lines else "no progress bar yet"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", required=True, help='JSON file: {"name": "train args", ...}')
@@ -82,7 +92,7 @@ def main(argv=None) -> None:
     procs = {}
     start = time.time()
     for name, extra in recipes.items():
-        cmd = [sys.executable, str(ROOT / "tools" / "train_demo_model.py"), "--device", args.device, "--quiet",
+        cmd = [sys.executable, str(ROOT / "tools" / "train_demo_model.py"), "--device", args.device,
                "--threads", str(args.threads), "--out", str(out / name)] + extra.split()
         log = open(out / f"{name}.log", "w")
         procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)), log)
@@ -106,8 +116,10 @@ def main(argv=None) -> None:
         time.sleep(2)
     for name, (proc, log) in pending.items():
         proc.kill()
-        results[name] = {"error": "not finished within the budget", "args": recipes[name]}
-        print(name, "not finished within the budget", flush=True)
+        log.close()
+        reached = last_progress((out / f"{name}.log").read_text(errors="replace"))
+        results[name] = {"error": f"not finished within the budget; last progress: {reached}", "args": recipes[name]}
+        print(name, "not finished within the budget; last progress:", reached, flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 
