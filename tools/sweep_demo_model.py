@@ -8,7 +8,7 @@ seeds, 20 DDIM steps and guidance 7.5, graded by the same image analysis. It is 
 a recipe in minutes instead of hours; the shipped weights are still measured on the CPU.
 
 Measured on one H200 (2026-11-28): this small UNet is launch-bound there, about 11 steps/s
-alone at batch 96 (~8x the 2-core CPU at batch 24), and seven recipes sharing the GPU did not
+alone at batch 96 (8x the steps/s of 2 CPU threads at batch 24, at 4x the batch), and seven recipes sharing the GPU did not
 finish 7000 steps each in 7.5 minutes. Size a sweep as (recipes x steps) / ~12 steps/s.
 
     python tools/sweep_demo_model.py --recipes recipes.json --out /tmp/sweep --budget-s 500

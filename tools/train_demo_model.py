@@ -435,10 +435,14 @@ def load_stage2(folder: Path, args) -> tuple[UNet2DConditionModel, CLIPTextModel
     levels = len(unet.config.block_out_channels)
     if levels != args.unet_levels:
         raise SystemExit(f"--init-from: {folder} has a {levels}-level UNet, this run asks for --unet-levels {args.unet_levels}")
-    padding = unet.config.downsample_padding
-    if padding != args.downsample_padding:
-        raise SystemExit(f"--init-from: {folder} has a UNet with downsample padding {padding}, "
-                         f"this run asks for --downsample-padding {args.downsample_padding}")
+    if unet.config.downsample_padding != args.downsample_padding:
+        # Same weights, other border handling in the downsamplers: continue with the padding
+        # this run asks for (the UNet then learns to use the new left/right cue).
+        log.info("--init-from: switching the UNet's downsample padding from %s to %s",
+                 unet.config.downsample_padding, args.downsample_padding)
+        state = unet.state_dict()
+        unet = UNet2DConditionModel.from_config(dict(unet.config, downsample_padding=args.downsample_padding))
+        unet.load_state_dict(state)
     return unet, CLIPTextModel.from_pretrained(folder / "text_encoder")
 
 
