@@ -6,8 +6,10 @@ checkpoint's scheduler config: the UNet and everything else stay loaded.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -42,4 +44,18 @@ def make_scheduler(name: str, base_config: dict):
     if name not in SAMPLER_TABLE:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
     cls, overrides = SAMPLER_TABLE[name]
+    if base_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(
+            cls.__init__).parameters:
+        # LMS and PLMS have no zero-terminal-SNR option and would silently sample on the
+        # un-rescaled schedule the model was not trained on: give them the rescaled one.
+        overrides = {**overrides, "trained_betas": zero_snr_betas(base_config)}
     return cls.from_config(base_config, **overrides)
+
+
+def zero_snr_betas(base_config: dict) -> list[float]:
+    """The checkpoint's betas rescaled to zero terminal SNR (as DDIM computes them), with the
+    last cumulative alpha raised to 2**-24 as diffusers' Euler does, so sigma stays finite."""
+    alphas_cumprod = DDIMScheduler.from_config(base_config).alphas_cumprod.double().clone()
+    alphas_cumprod[-1] = max(float(alphas_cumprod[-1]), 2.0**-24)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return (1 - alphas_cumprod / previous).tolist()

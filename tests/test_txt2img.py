@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from pipelines.manager import PipelineManager
 from pipelines.progress import JobControl
@@ -140,3 +141,25 @@ def test_sdpa_attention_is_used(tiny_manager):
 
     processors = tiny_manager.pipe.unet.attn_processors
     assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+
+
+def test_lms_and_plms_follow_a_zero_terminal_snr_schedule():
+    """LMS and PLMS have no rescale option: they get the rescaled betas instead of ignoring them."""
+    from diffusers import DDIMScheduler
+
+    from pipelines.samplers import make_scheduler
+    from tools.train_demo_model import scheduler_config
+
+    zsnr = scheduler_config("v_prediction", zero_terminal_snr=True)
+    reference = DDIMScheduler.from_config(zsnr).alphas_cumprod
+    assert float(reference[-1]) == 0.0
+    for name in ("LMS", "PLMS", "Euler", "DDIM"):
+        got = make_scheduler(name, zsnr).alphas_cumprod
+        assert torch.allclose(got[:-1].double(), reference[:-1].double(), rtol=1e-5, atol=1e-9), name
+        assert 0 <= float(got[-1]) <= 2.0**-23, name
+    lms = make_scheduler("LMS", zsnr)
+    lms.set_timesteps(20)
+    assert torch.isfinite(lms.sigmas).all() and float(lms.sigmas.max()) > 1000  # starts at (almost) pure noise
+    # A schedule without zero SNR is left exactly as the checkpoint gives it.
+    plain = scheduler_config("epsilon", zero_terminal_snr=False)
+    assert torch.equal(make_scheduler("LMS", plain).alphas_cumprod, DDIMScheduler.from_config(plain).alphas_cumprod)
