@@ -405,7 +405,7 @@ Native size {args.size}x{args.size} px ({args.size // 8}x{args.size // 8} latent
 
 ## Training
 
-    python tools/train_demo_model.py --seed {args.seed} --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --dataset {args.dataset} --batch {args.batch} --low-freq-noise {",".join(f"{v:g}" for v in args.low_freq_noise)} --high-noise-frac {args.high_noise_frac:g} --prediction-type {args.prediction_type} {snr_flag} --unet-levels {args.unet_levels}{f" --vae-from {args.vae_from}" if args.vae_from else ""}
+    python tools/train_demo_model.py --seed {args.seed} --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --dataset {args.dataset} --batch {args.batch} --low-freq-noise {",".join(f"{v:g}" for v in args.low_freq_noise)} --high-noise-frac {args.high_noise_frac:g} --lr {args.lr:g} --prediction-type {args.prediction_type} {snr_flag} --unet-levels {args.unet_levels} --downsample-padding {args.downsample_padding} --decoder-steps {args.decoder_steps}{f" --init-from {args.init_from}" if args.init_from else ""}{f" --vae-from {args.vae_from}" if args.vae_from else ""}
 
 on {torch.get_num_threads()} CPU threads, torch {torch.__version__}; it took {stats.get('train_minutes', 0):.1f} minutes.
 
@@ -472,9 +472,9 @@ def parse_args(argv=None):
                    help="fraction of training timesteps drawn from the noisiest 30%% (the rest uniform)")
     p.add_argument("--low-freq-noise", default="0.3,0.35,0.3",
                    help="strengths of extra training noise at 1x1, 2x2, 4x4, ... (comma-separated; 0 turns it off)")
-    # Defaults rebuild the shipped weights (epsilon, SD's schedule). v-prediction with zero
-    # terminal SNR made the prompt's position count (50% vs 16% of 32 positioned prompts) but
-    # blurred the shapes (41% vs 62%): docs/demo-model-experiments.md.
+    # The shipped weights come from two runs (v-prediction, zero terminal SNR, then continued
+    # with --downsample-padding 0): their commands are in assets/demo-model/README.md. The
+    # defaults stay the plain SD recipe (epsilon, SD's schedule): docs/demo-model-experiments.md.
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=False,
                    help="rescale the schedule so the last timestep is pure noise (needs v_prediction)")
