@@ -143,23 +143,20 @@ def test_sdpa_attention_is_used(tiny_manager):
     assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
 
 
-def test_lms_and_plms_follow_a_zero_terminal_snr_schedule():
-    """LMS and PLMS have no rescale option: they get the rescaled betas instead of ignoring them."""
+def test_samplers_without_zero_terminal_snr_support_are_refused_for_such_a_model():
+    """LMS and PLMS cannot follow a zero-terminal-SNR schedule: refused with the usable list."""
     from diffusers import DDIMScheduler
 
     from pipelines.samplers import make_scheduler
     from tools.train_demo_model import scheduler_config
 
     zsnr = scheduler_config("v_prediction", zero_terminal_snr=True)
-    reference = DDIMScheduler.from_config(zsnr).alphas_cumprod
-    assert float(reference[-1]) == 0.0
-    for name in ("LMS", "PLMS", "Euler", "DDIM"):
-        got = make_scheduler(name, zsnr).alphas_cumprod
-        assert torch.allclose(got[:-1].double(), reference[:-1].double(), rtol=1e-5, atol=1e-9), name
-        assert 0 <= float(got[-1]) <= 2.0**-23, name
-    lms = make_scheduler("LMS", zsnr)
-    lms.set_timesteps(20)
-    assert torch.isfinite(lms.sigmas).all() and float(lms.sigmas.max()) > 1000  # starts at (almost) pure noise
-    # A schedule without zero SNR is left exactly as the checkpoint gives it.
+    for name in ("LMS", "PLMS"):
+        with pytest.raises(ValueError, match=f"sampler '{name}' does not support this model's zero-terminal-SNR"
+                                             r".*use one of Euler a, Euler, DPM\+\+ 2M, DPM\+\+ 2M Karras, DDIM, UniPC"):
+            make_scheduler(name, zsnr)
+    for name in ("Euler a", "DDIM", "UniPC"):  # the others follow the rescaled schedule themselves
+        assert float(make_scheduler(name, zsnr).alphas_cumprod[-1]) < 1e-6, name
+    # A checkpoint without zero SNR keeps every sampler, LMS included, on its own schedule.
     plain = scheduler_config("epsilon", zero_terminal_snr=False)
     assert torch.equal(make_scheduler("LMS", plain).alphas_cumprod, DDIMScheduler.from_config(plain).alphas_cumprod)
