@@ -150,3 +150,30 @@ def eval_prompts(n: int, seed: int = 0) -> list[Scene]:
         position = positions[(i // 2) % len(positions)] if i % 2 == 0 else None
         scenes.append(Scene(color, SHAPES[i % len(SHAPES)], background, position))
     return scenes
+
+
+ATTRIBUTES = ("color", "background", "shape", "position")
+
+
+def grade(scene: Scene, image) -> dict:
+    """One generated image against its prompt's scene: a hit per attribute (position None when
+    the prompt names none) and what the analysis read."""
+    got = analyze(np.asarray(image.convert("RGB")))
+    return {
+        "prompt": scene.prompt,
+        "color": got.color == scene.color,
+        "background": got.background == scene.background,
+        "shape": got.shape == scene.shape,
+        "position": (got.position == scene.position) if scene.position else None,
+        "read": {"color": got.color, "background": got.background, "shape": got.shape,
+                 "position": got.position, "fill": round(got.fill_ratio, 3)},
+    }
+
+
+def accuracy(rows: list[dict]) -> dict:
+    """Share of hits per attribute over the rows that grade it."""
+    result = {}
+    for attr in ATTRIBUTES:
+        graded = [r[attr] for r in rows if r[attr] is not None]
+        result[attr] = sum(graded) / len(graded) if graded else float("nan")
+    return result

@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,9 +31,9 @@ if str(ROOT) not in sys.path:
 from pipelines.config import AppConfig  # noqa: E402
 from pipelines.manager import PipelineManager  # noqa: E402
 from pipelines.requests import Txt2ImgRequest  # noqa: E402
-from tools.demo_world import analyze, eval_prompts  # noqa: E402
+from tools.demo_world import ATTRIBUTES, eval_prompts, grade  # noqa: E402
+from tools.demo_world import accuracy as score  # noqa: E402
 
-ATTRIBUTES = ("color", "background", "shape", "position")
 BARS = {"color": 0.95, "background": 0.95, "shape": 0.85, "position": 0.85}  # issue 4's bar
 
 
@@ -48,22 +47,8 @@ def evaluate(manager: PipelineManager, n: int = 64, steps: int = 20, guidance: f
         start = time.perf_counter()
         image = manager.txt2img(req).images[0]
         seconds.append(time.perf_counter() - start)
-        got = analyze(np.asarray(image.convert("RGB")))
-        row = {
-            "prompt": scene.prompt,
-            "seed": 1000 + i,
-            "color": got.color == scene.color,
-            "background": got.background == scene.background,
-            "shape": got.shape == scene.shape,
-            "position": (got.position == scene.position) if scene.position else None,
-            "read": {"color": got.color, "background": got.background, "shape": got.shape,
-                     "position": got.position, "fill": round(got.fill_ratio, 3)},
-        }
-        rows.append(row)
-    accuracy = {}
-    for attr in ATTRIBUTES:
-        graded = [r[attr] for r in rows if r[attr] is not None]
-        accuracy[attr] = sum(graded) / len(graded) if graded else float("nan")
+        rows.append({**grade(scene, image), "seed": 1000 + i})
+    accuracy = score(rows)
     return {
         "n": n,
         "steps": steps,

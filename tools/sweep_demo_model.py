@@ -29,24 +29,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-ATTRIBUTES = ("color", "background", "shape", "position")
-
 
 def grade_folder(folder: Path, n: int = 64, device: str = "cuda", batch: int = 16) -> dict:
     """The adherence grading of eval_demo_model, batched on ``device`` (no watermark step)."""
-    import numpy as np
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from tools.demo_world import analyze, eval_prompts
+    from tools.demo_world import accuracy, eval_prompts, grade
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     scenes = eval_prompts(n)
-    hits = {a: [] for a in ATTRIBUTES}
-    fills = []
+    rows = []
     for start in range(0, n, batch):
         chunk = scenes[start:start + batch]
         gens = [torch.Generator().manual_seed(1000 + start + i) for i in range(len(chunk))]
@@ -54,17 +50,10 @@ def grade_folder(folder: Path, n: int = 64, device: str = "cuda", batch: int = 1
         side = pipe.unet.config.sample_size
         latents = torch.cat([torch.randn((1, 4, side, side), generator=g) for g in gens]).to(device)
         images = pipe([s.prompt for s in chunk], num_inference_steps=20, guidance_scale=7.5, latents=latents).images
-        for scene, image in zip(chunk, images):
-            got = analyze(np.asarray(image.convert("RGB")))
-            fills.append(got.fill_ratio)
-            hits["color"].append(got.color == scene.color)
-            hits["background"].append(got.background == scene.background)
-            hits["shape"].append(got.shape == scene.shape)
-            if scene.position:
-                hits["position"].append(got.position == scene.position)
-    accuracy = {a: round(100 * sum(v) / len(v), 1) for a, v in hits.items()}
-    return {"accuracy": accuracy, "median_fill": round(statistics.median(fills), 3),
-            "worst": min(accuracy["shape"], accuracy["position"])}
+        rows += [grade(scene, image) for scene, image in zip(chunk, images)]
+    acc = {a: round(100 * v, 1) for a, v in accuracy(rows).items()}
+    return {"accuracy": acc, "median_fill": round(statistics.median(r["read"]["fill"] for r in rows), 3),
+            "worst": min(acc["shape"], acc["position"])}
 
 
 def last_progress(log: str) -> str:
