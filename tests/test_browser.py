@@ -8,6 +8,7 @@ these tests skip with the reason; with ``CI`` set that is a failure instead (.ci
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -203,20 +204,31 @@ def test_full_queue_message_in_the_page(browser, tiny_model_dir, tmp_path):
                                "--output-dir", str(tmp_path / "out"), "--port", str(free_port()),
                                "--max-queue", "1"])
     manager = PipelineManager(config)
-    gate = threading.Event()
+    gate, running = threading.Event(), threading.Event()
+
+    def hold(*_):  # the first job holds the device until the page has been refused
+        running.set()
+        gate.wait(timeout=300)
+
     with serving(manager) as (url, app):
-        handle = manager.pipe.unet.register_forward_hook(lambda *a: gate.wait(timeout=120) and None)
+        handle = manager.pipe.unet.register_forward_hook(hold)
         context = browser.new_context()
         try:
+            page = context.new_page()  # the page is ready before the queue fills
+            page.goto(url)
+            page.locator("#txt2img-generate").wait_for(state="visible", timeout=60_000)
             client = Client(url, verbose=False)
             args = dict(prompt="a red circle on a blue background", negative_prompt="", sampler="DDIM", steps=1,
                         guidance_scale=7.5, width=64, height=64, seed=1, batch_size=1, batch_count=1)
-            jobs = [client.submit(**args, api_name="/txt2img") for _ in range(2)]  # one runs, one waits
-            page = context.new_page()
-            page.goto(url)
-            page.locator("#txt2img-generate").wait_for(state="visible", timeout=60_000)
-            while len(app._queue) < 1:
-                page.wait_for_timeout(50)
+            # One job on the device, then one waiting: submitted in that order, because a job that
+            # arrives while the first is still queued would find the 1-place queue full.
+            jobs = [client.submit(**args, api_name="/txt2img")]
+            assert running.wait(timeout=60), "the first API job never reached the device"
+            jobs.append(client.submit(**args, api_name="/txt2img"))
+            deadline = time.monotonic() + 60
+            while len(app._queue) < 1:  # one job on the device, one waiting
+                assert time.monotonic() < deadline, "the second API job never queued"
+                time.sleep(0.05)
             page.locator("#txt2img-prompt textarea").fill("a blue square")
             page.locator("#txt2img-generate").click()
             page.get_by_text("currently busy. Please try again", exact=False).first.wait_for(timeout=30_000)

@@ -300,12 +300,19 @@ def test_queue_overflow_is_refused_and_every_accepted_job_completes(served, alic
     unet = manager.pipe.unet
     gate = threading.Event()
 
+    running = threading.Event()
+
     def hold(module, args, output):
+        running.set()
         gate.wait(timeout=60)  # the running job holds the device until the queue has been checked
 
     handle = unet.register_forward_hook(hold)
     try:
-        accepted = [alice.submit(**{**TXT2IMG, "seed": 100 + i}, api_name="/txt2img") for i in range(3)]
+        # The first job reaches the device before the others are sent: sent together, the third
+        # could arrive while the first is still queued and find the queue full.
+        accepted = [alice.submit(**{**TXT2IMG, "seed": 100}, api_name="/txt2img")]
+        assert running.wait(timeout=60), "the first job never reached the device"
+        accepted += [alice.submit(**{**TXT2IMG, "seed": 100 + i}, api_name="/txt2img") for i in (1, 2)]
         deadline = time.monotonic() + 60
         while len(app._queue) < config.max_queue:  # 1 job on the device, 2 waiting
             assert time.monotonic() < deadline, "the jobs never queued"
@@ -444,8 +451,9 @@ def test_load_test_tool_counts_completed_refused_and_errors(served):
     args = build_parser().parse_args(["--clients", "6", "--steps", "1", "--timeout", "120"])
     summary = run_clients(url, args, ALICE)
     assert summary.errors == 0 and summary.server_answers_afterwards and summary.ok, summary.report()
-    # 1 job on the device and 2 waiting are always accepted; each accepted job returned an image.
-    assert summary.completed >= 3 and summary.completed + summary.refused_queue_full == 6
+    # The 2 queue places are always filled (a third job is accepted only when the first has already
+    # left the queue for the device, a race); each accepted job returned an image.
+    assert summary.completed >= 2 and summary.completed + summary.refused_queue_full == 6
     assert summary.p50_s is not None and summary.p50_s <= summary.p95_s
 
     app.sdstudio_context.rate_limiter = RateLimiter(2, 60)
