@@ -220,3 +220,21 @@ def test_sweep_reports_how_far_an_unfinished_recipe_got():
     log = "parameters: {}\rencode: 100%|##| 188/188\runet+text:   9%|#| 377/4000 [00:30<05:19, 11.34it/s]\r"
     assert last_progress(log).startswith("unet+text:   9%|#| 377/4000")
     assert last_progress("reusing the VAE of x\n") == "no progress bar yet"
+
+
+def test_page_starts_on_ddim_for_a_zero_snr_model_and_on_euler_a_otherwise(demo_manager, tiny_manager):
+    """Euler a, the usual default, is weaker on the zero-terminal-SNR demo model; both tabs start on DDIM there."""
+    import gradio as gr
+
+    from ui.app import build_app
+
+    for manager, expected in ((demo_manager, "DDIM"), (tiny_manager, "Euler a")):
+        assert manager.default_sampler == expected
+        app = build_app(manager)
+        samplers = [b for b in app.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Sampler"]
+        assert len(samplers) == 2 and {d.value for d in samplers} == {expected}
+        # The API's default follows the page: a script that leaves the sampler out gets it too.
+        api = app.get_api_info()["named_endpoints"]
+        for endpoint in ("/txt2img", "/canvas"):
+            sampler = next(p for p in api[endpoint]["parameters"] if p["parameter_name"] == "sampler")
+            assert sampler["parameter_default"] == expected

@@ -100,7 +100,7 @@ def build_canvas_tab_section(ctx: UIContext, tabs, t2i) -> GalleryOutputs:
                                     elem_id="canvas-prompt")
                 negative_prompt = gr.Textbox(label="Negative prompt", lines=2, elem_id="canvas-negative")
                 with gr.Row():
-                    sampler = gr.Dropdown(list(SAMPLERS), value="Euler a", label="Sampler")
+                    sampler = gr.Dropdown(list(SAMPLERS), value=manager.default_sampler, label="Sampler")
                     steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
                     guidance_scale = gr.Slider(0, 30, value=7.5, step=0.5, label="Guidance scale (CFG)")
                 with gr.Row():
