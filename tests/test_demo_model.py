@@ -135,9 +135,10 @@ def test_training_refuses_epsilon_with_zero_terminal_snr(capsys):
 def test_demo_model_follows_colour_and_position_prompts(demo_manager):
     """16-prompt version of tools/eval_demo_model.py: colours at the issue's 95%, position at 85%.
 
-    Shape is below the bar (85%) on the shipped weights and is left to the open issue; this
-    keeps what the model does get right from regressing (the first bundled model scored 44% / 19%
-    on colour / background here, the previous weights put the object at chance).
+    Shape is below the issue's 85% on the shipped weights (13 of these 16, 73% of 64) and is left
+    to the open issue; it is held at 75% here so it cannot slip back (the session-4 weights read
+    56% of 64). This keeps what the model does get right from regressing (the first bundled model
+    scored 44% / 19% on colour / background here, the session-2 weights put the object at chance).
     """
     from tools.eval_demo_model import evaluate
 
@@ -147,6 +148,8 @@ def test_demo_model_follows_colour_and_position_prompts(demo_manager):
     assert acc["color"] >= 0.95 and acc["background"] >= 0.95, misses
     placed = [(r["prompt"], r["read"]["position"]) for r in report["rows"] if r["position"] is not None]
     assert len(placed) == 8 and acc["position"] >= 0.85, placed
+    shapes = [(r["prompt"], r["read"]["shape"], r["read"]["fill"]) for r in report["rows"] if not r["shape"]]
+    assert acc["shape"] >= 0.75, shapes
     assert demo_manager.native_size == 256
     assert demo_manager.guard.safety_status.startswith("not applicable")
 
@@ -238,3 +241,37 @@ def test_page_starts_on_ddim_for_a_zero_snr_model_and_on_euler_a_otherwise(demo_
         for endpoint in ("/txt2img", "/canvas"):
             sampler = next(p for p in api[endpoint]["parameters"] if p["parameter_name"] == "sampler")
             assert sampler["parameter_default"] == expected
+
+
+def test_averaging_two_runs_gives_their_mean_and_a_loadable_model(tmp_path, capsys):
+    """tools/average_demo_weights.py: the shipped weights are the average of two continuations."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tools.average_demo_weights import main as average
+    from tools.train_demo_model import main as train
+
+    vpred = ["--prediction-type", "v_prediction", "--zero-terminal-snr"]
+    a = train(["--smoke", "--quiet", *vpred, "--out", str(tmp_path / "a")])
+    b = train(["--smoke", "--quiet", *vpred, "--low-freq-noise", "0,0,0", "--out", str(tmp_path / "b")])
+    assert average([str(a), str(b), "--out", str(tmp_path / "soup")]) == 0
+    soup = tmp_path / "soup"
+    for component, name in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        wa, wb, ws = (load_file(f / component / name) for f in (a, b, soup))
+        key = next(k for k in wa if wa[k].is_floating_point() and not torch.equal(wa[k], wb[k]))
+        assert torch.equal(ws[key], ((wa[key].double() + wb[key].double()) / 2).float())
+    record = json.loads((soup / "training.json").read_text())
+    assert record["averaged"] == [str(a), str(b)] and record["runs"][1]["args"]["low_freq_noise"] == [0.0, 0.0, 0.0]
+    manager = PipelineManager(AppConfig(model=str(soup), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
+    image = manager.txt2img(Txt2ImgRequest(prompt="a red circle on a blue background", steps=2, seed=1)).images[0]
+    assert np.asarray(image).shape == (64, 64, 3) and np.asarray(image).std() > 0
+
+    # Runs of another noise schedule, or a single run, are refused with the reason.
+    eps = train(["--smoke", "--quiet", "--out", str(tmp_path / "eps")])
+    assert average([str(a), str(eps), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "scheduler/scheduler_config.json of" in err and "only runs of the same architecture" in err
+    assert not (tmp_path / "bad").exists()
+    assert average([str(a), "--out", str(tmp_path / "bad")]) == 2
+    assert "need at least two folders to average, got 1" in capsys.readouterr().err
