@@ -193,7 +193,7 @@ class PipelineManager:
 
         Euler a, the usual default, is weaker on such a schedule: on the bundled demo model it put
         the right object colour in 8 of 10 eval prompts against DDIM's 10 (docs/demo-model-experiments.md),
-        and zero-SNR models are sampled with DDIM's trailing timesteps in their paper (Lin et al. 2024).
+        and zero-SNR models are sampled with DDIM's trailing timesteps in their paper (Lin et al., arXiv 2305.08891).
         """
         return "DDIM" if self.pipe.scheduler.config.get("rescale_betas_zero_snr") else "Euler a"
 

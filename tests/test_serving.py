@@ -298,9 +298,7 @@ def test_queue_overflow_is_refused_and_every_accepted_job_completes(served, alic
 
     url, manager, app, config, _ = served
     unet = manager.pipe.unet
-    gate = threading.Event()
-
-    running = threading.Event()
+    gate, running = threading.Event(), threading.Event()
 
     def hold(module, args, output):
         running.set()
