@@ -275,3 +275,37 @@ def test_averaging_two_runs_gives_their_mean_and_a_loadable_model(tmp_path, caps
     assert not (tmp_path / "bad").exists()
     assert average([str(a), "--out", str(tmp_path / "bad")]) == 2
     assert "need at least two folders to average, got 1" in capsys.readouterr().err
+
+    # Runs with other --seed measure the same VAE's latent scale on other images: the average
+    # takes their mean. A spread over 2%, or other VAE weights, means they did not share a VAE.
+    import shutil
+
+    from safetensors.torch import save_file
+
+    def variant(name: str, scale: float | None = None, vae_nudge: bool = False) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(b, folder)
+        config_path = folder / "vae" / "config.json"
+        config = json.loads(config_path.read_text())
+        if scale is not None:
+            config["scaling_factor"] = config["scaling_factor"] * scale
+            config_path.write_text(json.dumps(config))
+        if vae_nudge:
+            weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+            state = load_file(weights)
+            key = next(k for k in state if state[k].is_floating_point())
+            state[key] = state[key] + 1e-3
+            save_file(state, weights)
+        return folder
+
+    scale_a = json.loads((a / "vae" / "config.json").read_text())["scaling_factor"]
+    scale_b = json.loads((b / "vae" / "config.json").read_text())["scaling_factor"]
+    assert scale_a == scale_b
+    assert average([str(a), str(variant("b_scaled", 1.01)), "--out", str(tmp_path / "soup2")]) == 0
+    mean_scale = json.loads((tmp_path / "soup2" / "vae" / "config.json").read_text())["scaling_factor"]
+    assert mean_scale == pytest.approx(scale_a * 1.005, rel=1e-9)
+    assert json.loads((tmp_path / "soup2" / "training.json").read_text())["vae_scaling_factors"][0] == scale_a
+    assert average([str(a), str(variant("b_far", 1.05)), "--out", str(tmp_path / "bad")]) == 2
+    assert "VAE scaling factors differ by more than 2%" in capsys.readouterr().err
+    assert average([str(a), str(variant("b_vae", vae_nudge=True)), "--out", str(tmp_path / "bad")]) == 2
+    assert "the VAE weights of" in capsys.readouterr().err and not (tmp_path / "bad").exists()
