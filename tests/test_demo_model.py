@@ -74,6 +74,28 @@ def test_training_continues_from_an_earlier_run_and_refuses_a_mismatched_one(tmp
         train(["--smoke", "--quiet", "--init-from", str(first), "--out", str(tmp_path / "d")])
     with pytest.raises(SystemExit, match="not a diffusers model folder"):
         train(["--smoke", "--quiet", "--init-from", str(tmp_path), "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match="32 first-level channels, this run asks for --unet-first-channels 48"):
+        train(["--smoke", "--quiet", *vpred, "--unet-first-channels", "48", "--init-from", str(first),
+               "--out", str(tmp_path / "f")])
+
+
+def test_wider_first_unet_level_trains_and_loads(tmp_path, capsys):
+    """--unet-first-channels widens the 32x32-latent level (where edges are drawn) and nothing else."""
+    from tools.train_demo_model import build_unet, parse_args
+    from tools.train_demo_model import main as train
+
+    out = train(["--smoke", "--quiet", "--unet-first-channels", "48", "--out", str(tmp_path / "w")])
+    manager = PipelineManager(AppConfig(model=str(out), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
+    assert list(manager.pipe.unet.config.block_out_channels) == [48, 64, 128]
+    image = manager.txt2img(Txt2ImgRequest(prompt="a red square on a blue background", steps=2, seed=1)).images[0]
+    assert np.asarray(image).shape == (64, 64, 3) and np.asarray(image).std() > 0
+    assert "--unet-first-channels 48" in (out / "README.md").read_text()
+    assert list(build_unet(64, 4).config.block_out_channels) == [32, 64, 128, 128]  # the default is unchanged
+    with pytest.raises(ValueError, match="multiple of 16 .* got 40"):
+        build_unet(64, 3, first_channels=40)
+    with pytest.raises(SystemExit):
+        parse_args(["--unet-first-channels", "40"])
+    assert "--unet-first-channels must be a multiple of 16, got 40" in capsys.readouterr().err
 
 
 def test_shipped_demo_model_is_small_and_loads_like_stable_diffusion():
@@ -309,3 +331,13 @@ def test_averaging_two_runs_gives_their_mean_and_a_loadable_model(tmp_path, caps
     assert "VAE scaling factors differ by more than 2%" in capsys.readouterr().err
     assert average([str(a), str(variant("b_vae", vae_nudge=True)), "--out", str(tmp_path / "bad")]) == 2
     assert "the VAE weights of" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_unet_width_benchmark_reports_ratios_to_the_first_width():
+    from tools.bench_demo_unet import main as bench
+
+    report = bench(["--widths", "32,64", "--size", "64", "--steps", "1", "--repeats", "1", "--threads", "1"])
+    base, wide = report["widths"][32], report["widths"][64]
+    assert base["ratio"] == 1.0 and wide["ratio"] > 0
+    assert wide["unet_params"] > base["unet_params"]  # only the first level grew
+    assert wide["seconds_per_image"] > report["vae_decode_s"] > 0

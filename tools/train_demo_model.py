@@ -109,13 +109,18 @@ def build_text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_unet(size: int, levels: int = 3, downsample_padding: int = 1) -> UNet2DConditionModel:
+def build_unet(size: int, levels: int = 3, downsample_padding: int = 1, first_channels: int = 32) -> UNet2DConditionModel:
     if levels not in (3, 4):
         raise ValueError(f"unet levels must be 3 or 4, got {levels}")
+    if first_channels < 16 or first_channels % 16:
+        raise ValueError(f"unet first-level channels must be a multiple of 16 (the group norm's groups), "
+                         f"got {first_channels}")
     # No attention at full latent resolution: 1024-token self-attention would cost more than
     # the rest of the UNet on a CPU; position and colour are carried by cross-attention at
     # 16x16 and 8x8 (and 4x4 with a fourth level, whose bottleneck sees the whole picture).
-    channels = (32, 64, 128, 128)[:levels]
+    # The first level (32x32 latents) draws the edges; its width is the one knob exposed
+    # (--unet-first-channels), as the shipped weights' misses are soft square corners.
+    channels = (first_channels, 64, 128, 128)[:levels]
     return UNet2DConditionModel(
         sample_size=size // 8,
         in_channels=4,
@@ -405,7 +410,7 @@ Native size {args.size}x{args.size} px ({args.size // 8}x{args.size // 8} latent
 
 ## Training
 
-    python tools/train_demo_model.py --seed {args.seed} --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --dataset {args.dataset} --batch {args.batch} --low-freq-noise {",".join(f"{v:g}" for v in args.low_freq_noise)} --high-noise-frac {args.high_noise_frac:g} --lr {args.lr:g} --prediction-type {args.prediction_type} {snr_flag} --unet-levels {args.unet_levels} --downsample-padding {args.downsample_padding} --decoder-steps {args.decoder_steps}{f" --init-from {args.init_from}" if args.init_from else ""}{f" --vae-from {args.vae_from}" if args.vae_from else ""}
+    python tools/train_demo_model.py --seed {args.seed} --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --dataset {args.dataset} --batch {args.batch} --low-freq-noise {",".join(f"{v:g}" for v in args.low_freq_noise)} --high-noise-frac {args.high_noise_frac:g} --lr {args.lr:g} --prediction-type {args.prediction_type} {snr_flag} --unet-levels {args.unet_levels} --unet-first-channels {args.unet_first_channels} --downsample-padding {args.downsample_padding} --decoder-steps {args.decoder_steps}{f" --init-from {args.init_from}" if args.init_from else ""}{f" --vae-from {args.vae_from}" if args.vae_from else ""}
 
 on {torch.get_num_threads()} CPU threads, torch {torch.__version__}; it took {stats.get('train_minutes', 0):.1f} minutes.
 
@@ -435,6 +440,9 @@ def load_stage2(folder: Path, args) -> tuple[UNet2DConditionModel, CLIPTextModel
     levels = len(unet.config.block_out_channels)
     if levels != args.unet_levels:
         raise SystemExit(f"--init-from: {folder} has a {levels}-level UNet, this run asks for --unet-levels {args.unet_levels}")
+    if unet.config.block_out_channels[0] != args.unet_first_channels:
+        raise SystemExit(f"--init-from: {folder}'s UNet has {unet.config.block_out_channels[0]} first-level channels, "
+                         f"this run asks for --unet-first-channels {args.unet_first_channels}")
     if unet.config.downsample_padding != args.downsample_padding:
         # Same weights, other border handling in the downsamplers: continue with the padding
         # this run asks for (the UNet then learns to use the new left/right cue).
@@ -481,6 +489,8 @@ def parse_args(argv=None):
     p.add_argument("--unet-levels", type=int, choices=(3, 4), default=3,
                    help="UNet resolution levels: 3 (32/16/8 latent px) or 4 (down to a 4x4 bottleneck; "
                    "measured worse on position and slower)")
+    p.add_argument("--unet-first-channels", type=int, default=32,
+                   help="channels of the UNet's first level (32x32 latents at 256 px), a multiple of 16")
     p.add_argument("--downsample-padding", type=int, choices=(0, 1), default=1,
                    help="1: SD's symmetric padding in the UNet's downsamplers; 0: pad only the right and "
                    "bottom edges (the original LDM code), which tells left from right and top from bottom")
@@ -500,6 +510,8 @@ def parse_args(argv=None):
         args.low_freq_noise = tuple(float(v) for v in str(args.low_freq_noise).split(",") if v.strip())
     except ValueError:
         p.error(f"--low-freq-noise must be comma-separated numbers, got {args.low_freq_noise!r}")
+    if args.unet_first_channels < 16 or args.unet_first_channels % 16:
+        p.error(f"--unet-first-channels must be a multiple of 16, got {args.unet_first_channels}")
     try:
         args.scheduler_config = scheduler_config(args.prediction_type, args.zero_terminal_snr)
     except ValueError as err:
@@ -528,7 +540,7 @@ def main(argv=None) -> Path:
     vocab = tokenizer.get_vocab()
     vae = build_vae(args.size)
     text_encoder = build_text_encoder(len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    unet = build_unet(args.size, args.unet_levels, args.downsample_padding)
+    unet = build_unet(args.size, args.unet_levels, args.downsample_padding, args.unet_first_channels)
     if args.init_from:
         unet, text_encoder = load_stage2(Path(args.init_from), args)
         args.vae_from = args.vae_from or str(Path(args.init_from) / "vae")
