@@ -109,18 +109,21 @@ def build_text_encoder(vocab_size: int, bos: int, eos: int) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_unet(size: int, levels: int = 3, downsample_padding: int = 1, first_channels: int = 32) -> UNet2DConditionModel:
+def unet_channels(levels: int = 3, first_channels: int = 32) -> tuple[int, ...]:
+    """The UNet's channels per level; the first level's width (32x32 latents) is the one knob."""
     if levels not in (3, 4):
         raise ValueError(f"unet levels must be 3 or 4, got {levels}")
     if first_channels < 16 or first_channels % 16:
         raise ValueError(f"unet first-level channels must be a multiple of 16 (the group norm's groups), "
                          f"got {first_channels}")
+    return (first_channels, 64, 128, 128)[:levels]
+
+
+def build_unet(size: int, levels: int = 3, downsample_padding: int = 1, first_channels: int = 32) -> UNet2DConditionModel:
+    channels = unet_channels(levels, first_channels)
     # No attention at full latent resolution: 1024-token self-attention would cost more than
     # the rest of the UNet on a CPU; position and colour are carried by cross-attention at
     # 16x16 and 8x8 (and 4x4 with a fourth level, whose bottleneck sees the whole picture).
-    # The first level (32x32 latents) draws the edges; its width is the one knob exposed
-    # (--unet-first-channels), as the shipped weights' misses are soft square corners.
-    channels = (first_channels, 64, 128, 128)[:levels]
     return UNet2DConditionModel(
         sample_size=size // 8,
         in_channels=4,
@@ -437,12 +440,10 @@ def load_stage2(folder: Path, args) -> tuple[UNet2DConditionModel, CLIPTextModel
             raise SystemExit(f"--init-from: {folder} was trained with {key}={config.get(key, False)!r}, "
                              f"this run asks for {want!r}; pass the matching --prediction-type / --zero-terminal-snr")
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    levels = len(unet.config.block_out_channels)
-    if levels != args.unet_levels:
-        raise SystemExit(f"--init-from: {folder} has a {levels}-level UNet, this run asks for --unet-levels {args.unet_levels}")
-    if unet.config.block_out_channels[0] != args.unet_first_channels:
-        raise SystemExit(f"--init-from: {folder}'s UNet has {unet.config.block_out_channels[0]} first-level channels, "
-                         f"this run asks for --unet-first-channels {args.unet_first_channels}")
+    have, want = tuple(unet.config.block_out_channels), unet_channels(args.unet_levels, args.unet_first_channels)
+    if have != want:
+        raise SystemExit(f"--init-from: {folder} has UNet channels {list(have)}, this run asks for {list(want)} "
+                         f"(--unet-levels {args.unet_levels} --unet-first-channels {args.unet_first_channels})")
     if unet.config.downsample_padding != args.downsample_padding:
         # Same weights, other border handling in the downsamplers: continue with the padding
         # this run asks for (the UNet then learns to use the new left/right cue).
@@ -510,8 +511,10 @@ def parse_args(argv=None):
         args.low_freq_noise = tuple(float(v) for v in str(args.low_freq_noise).split(",") if v.strip())
     except ValueError:
         p.error(f"--low-freq-noise must be comma-separated numbers, got {args.low_freq_noise!r}")
-    if args.unet_first_channels < 16 or args.unet_first_channels % 16:
-        p.error(f"--unet-first-channels must be a multiple of 16, got {args.unet_first_channels}")
+    try:
+        unet_channels(args.unet_levels, args.unet_first_channels)
+    except ValueError as err:
+        p.error(f"--unet-first-channels: {err}")
     try:
         args.scheduler_config = scheduler_config(args.prediction_type, args.zero_terminal_snr)
     except ValueError as err:
