@@ -341,3 +341,156 @@ def test_unet_width_benchmark_reports_ratios_to_the_first_width():
     assert base["ratio"] == 1.0 and wide["ratio"] > 0
     assert wide["unet_params"] > base["unet_params"]  # only the first level grew
     assert wide["seconds_per_image"] > report["vae_decode_s"] > 0
+
+
+def test_guided_consistency_loss_is_guidance_times_the_branches_disagreement():
+    """The term is zero when both branches match the target, and grows as (scale - 1)^2 times
+    their disagreement when only the conditional one does: what guidance does at sampling."""
+    from tools.train_demo_model import guided_consistency_loss
+
+    target = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    weights = torch.tensor([1.0, 0.5, 2.0])
+    assert float(guided_consistency_loss(target, target, target, weights, 7.5)) == 0.0
+    off = target + 0.1  # the unconditional branch 0.1 away everywhere
+    got = float(guided_consistency_loss(target, off, target, weights, 7.5))
+    assert got == pytest.approx((6.5 * 0.1) ** 2 * float(weights.mean()), rel=1e-5)
+    # At scale 1 guidance is the conditional prediction, and so is the term.
+    assert float(guided_consistency_loss(target, off, target, weights, 1.0)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_guided_loss_trains_and_the_dataset_cache_gives_the_same_run(tmp_path, capsys, caplog):
+    """--guided-loss adds its term to a smoke run; --dataset-cache reuses the encoded images and
+    the run that reads them is the same run, bit for bit; bad values are refused by name."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tools.train_demo_model import main as train, parse_args
+
+    args = ["--smoke", "--quiet", "--prediction-type", "v_prediction", "--zero-terminal-snr",
+            "--guided-loss", "1", "--guided-loss-max-t", "1000"]
+    plain = train([*args, "--out", str(tmp_path / "plain")])
+    first = train([*args, "--dataset-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "first")])
+    assert len(list((tmp_path / "cache").glob("latents-*.pt"))) == 1
+    with caplog.at_level("INFO", logger="train_demo_model"):
+        second = train([*args, "--dataset-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "second")])
+    assert "encoded dataset read from" in caplog.text
+    stats = json.loads((second / "training.json").read_text())["stats"]
+    assert stats["guided_loss_last100"] > 0
+    name = "unet/diffusion_pytorch_model.safetensors"
+    for other in (first, second):
+        a, b = load_file(plain / name), load_file(other / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # Without the term the same seed trains other weights (the term took part).
+    unguided = train(["--smoke", "--quiet", "--prediction-type", "v_prediction", "--zero-terminal-snr",
+                      "--out", str(tmp_path / "unguided")])
+    a, b = load_file(plain / name), load_file(unguided / name)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # Training on the model's own sampler states (--self-input-frac) also changes what is learnt.
+    own = train([*args, "--self-input-frac", "1", "--out", str(tmp_path / "own")])
+    a, b = load_file(plain / name), load_file(own / name)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+    for bad, message in ((["--guided-loss", "-1"], "--guided-loss must be 0 or more, got -1.0"),
+                         (["--guided-loss-max-t", "0"], "--guided-loss-max-t must be between 1 and 1000"),
+                         (["--self-input-frac", "1.5"], "--self-input-frac must be between 0 and 1, got 1.5"),
+                         (["--self-input-gap", "0"], "--self-input-gap must be between 1 and 999"),
+                         (["--sampler-decoder-max-t", "10"], "--sampler-decoder-max-t must be between 49")):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prediction_type,zero_snr", [("v_prediction", True), ("epsilon", False)])
+def test_self_generated_input_of_a_perfect_model_is_the_plain_training_pair(prediction_type, zero_snr):
+    """With the true prediction at the earlier timestep, one DDIM step lands exactly on the
+    freshly noised latent at the later one, with its usual target: the self-input training
+    differs from plain training only by the model's own error."""
+    from diffusers import DDPMScheduler
+
+    from tools.train_demo_model import scheduler_config, self_generated_input
+
+    scheduler = DDPMScheduler.from_config(scheduler_config(prediction_type, zero_snr))
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=gen, dtype=torch.float64), torch.randn(3, 4, 8, 8, generator=gen, dtype=torch.float64)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    t, t_before = torch.tensor([0, 400, 900]), torch.tensor([50, 450, 950])
+
+    def pair(at):
+        noisy = scheduler.add_noise(x0, noise, at)
+        return noisy, (scheduler.get_velocity(x0, noise, at) if prediction_type == "v_prediction" else noise)
+
+    before, true_pred = pair(t_before)
+    noisy, target = self_generated_input(scheduler, x0, before, true_pred, t_before, t)
+    want_noisy, want_target = pair(t)
+    assert torch.allclose(noisy, want_noisy, atol=1e-9) and torch.allclose(target, want_target, atol=1e-9)
+    # A wrong prediction moves the state, and the target still leads back to the real x0.
+    noisy, target = self_generated_input(scheduler, x0, before, true_pred + 0.3, t_before, t)
+    assert not torch.allclose(noisy, want_noisy, atol=1e-3)
+    alpha = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    x0_back = alpha * noisy - sigma * target if prediction_type == "v_prediction" else (noisy - sigma * target) / alpha
+    assert torch.allclose(x0_back, x0, atol=1e-9)
+
+
+def test_growing_first_level_attention_keeps_the_function_and_then_trains(tmp_path, capsys):
+    """--first-level-attention on --init-from a model without it: the grown UNet computes exactly
+    what the old one did, the new attention is live (a nonzero output projection changes the
+    output), and growing is the only architecture change --init-from accepts."""
+    from tools.train_demo_model import build_unet, grow_first_level_attention, main as train
+
+    torch.manual_seed(0)
+    unet = build_unet(64, 3, 0).eval()
+    grown = grow_first_level_attention(unet).eval()
+    assert grown.config.up_block_types[-1] == "CrossAttnUpBlock2D" and len(grown.up_blocks[-1].attentions) == 2
+    gen = torch.Generator().manual_seed(1)
+    x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 128, generator=gen)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        before = unet(x, t, encoder_hidden_states=text).sample
+        assert torch.equal(grown(x, t, encoder_hidden_states=text).sample, before)
+        torch.nn.init.normal_(grown.up_blocks[-1].attentions[0].proj_out.weight, std=0.1)
+        assert not torch.allclose(grown(x, t, encoder_hidden_states=text).sample, before)
+
+    vpred = ["--smoke", "--quiet", "--prediction-type", "v_prediction", "--zero-terminal-snr"]
+    first = train([*vpred, "--out", str(tmp_path / "a")])
+    second = train([*vpred, "--first-level-attention", "--init-from", str(first), "--out", str(tmp_path / "b")])
+    manager = PipelineManager(AppConfig(model=str(second), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
+    assert manager.pipe.unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
+    image = manager.txt2img(Txt2ImgRequest(prompt="a red circle on a blue background", steps=2, seed=1)).images[0]
+    assert np.asarray(image).shape == (64, 64, 3)
+    # Taking attention away again is refused, by name.
+    with pytest.raises(SystemExit, match="only adding --first-level-attention to a run without it is supported"):
+        train([*vpred, "--init-from", str(second), "--out", str(tmp_path / "c")])
+
+
+def test_sampler_decoder_stage_alone_changes_only_the_decoder(tmp_path, capsys):
+    """Stage 3 on an earlier run (--init-from, --unet-steps 0): the UNet, text encoder, encoder
+    and latent scale stay exactly as they were, the decoder moves, and the folder still loads."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tools.train_demo_model import main as train, parse_args
+
+    vpred = ["--smoke", "--quiet", "--prediction-type", "v_prediction", "--zero-terminal-snr"]
+    first = train([*vpred, "--out", str(tmp_path / "a")])
+    refined = train([*vpred, "--init-from", str(first), "--unet-steps", "0", "--sampler-decoder-steps", "2",
+                     "--out", str(tmp_path / "b")])
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(first / name), load_file(refined / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_file(f / "vae/diffusion_pytorch_model.safetensors") for f in (first, refined))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    scale = [json.loads((f / "vae/config.json").read_text())["scaling_factor"] for f in (first, refined)]
+    assert scale[0] == scale[1]
+    stats = json.loads((refined / "training.json").read_text())["stats"]
+    assert stats["sampler_decoder_steps"] == 2 and stats["sampler_decoder_l1"] > 0
+    manager = PipelineManager(AppConfig(model=str(refined), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
+    assert np.asarray(manager.txt2img(Txt2ImgRequest(prompt="a red circle on a blue background", steps=2,
+                                                     seed=1)).images[0]).shape == (64, 64, 3)
+    # Stage 3 alone needs an earlier run to refine.
+    with pytest.raises(SystemExit):
+        parse_args(["--unet-steps", "0"])
+    assert "--unet-steps must be positive (0 only with --init-from" in capsys.readouterr().err

@@ -119,19 +119,29 @@ def unet_channels(levels: int = 3, first_channels: int = 32) -> tuple[int, ...]:
     return (first_channels, 64, 128, 128)[:levels]
 
 
-def build_unet(size: int, levels: int = 3, downsample_padding: int = 1, first_channels: int = 32) -> UNet2DConditionModel:
+def unet_block_types(levels: int = 3, first_level_attention: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Down and up block types. By default no attention at full latent resolution: 1024-token
+    self-attention there about doubles the UNet's cost on a CPU, and position and colour are
+    carried by cross-attention at 16x16 and 8x8 (and 4x4 with a fourth level). With
+    ``first_level_attention`` the up path's full-resolution level, where the outlines are drawn,
+    gets self- and cross-attention too, as Stable Diffusion's highest level has."""
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1)
+    up = ("CrossAttnUpBlock2D",) * (levels - 1) + ("CrossAttnUpBlock2D" if first_level_attention else "UpBlock2D",)
+    return down, up
+
+
+def build_unet(size: int, levels: int = 3, downsample_padding: int = 1, first_channels: int = 32,
+               first_level_attention: bool = False) -> UNet2DConditionModel:
     channels = unet_channels(levels, first_channels)
-    # No attention at full latent resolution: 1024-token self-attention would cost more than
-    # the rest of the UNet on a CPU; position and colour are carried by cross-attention at
-    # 16x16 and 8x8 (and 4x4 with a fourth level, whose bottleneck sees the whole picture).
+    down, up = unet_block_types(levels, first_level_attention)
     return UNet2DConditionModel(
         sample_size=size // 8,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=channels,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        down_block_types=down,
+        up_block_types=up,
         cross_attention_dim=128,
         attention_head_dim=4,
         norm_num_groups=16,
@@ -188,8 +198,8 @@ def train_vae(vae: AutoencoderKL, args, rng: random.Random) -> dict:
     return last
 
 
-def train_decoder(vae: AutoencoderKL, args) -> dict:
-    """Stage 1b: fine-tune the decoder alone, on full-size images and jittered latents.
+def train_decoder(vae: AutoencoderKL, args, pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Stage 1b (and 3): fine-tune the decoder alone, on full-size images and jittered latents.
 
     Stage 1 trains on crops for a short time; its decoder leaves a frame along the image
     border, washes out the inside of objects (a purple square comes back lilac in the middle,
@@ -199,9 +209,16 @@ def train_decoder(vae: AutoencoderKL, args) -> dict:
     or after stage 2 and be applied to a trained model. The latents get a little Gaussian
     noise (up to ``--decoder-noise`` of their standard deviation) so the decoder also draws
     clean shapes from the slightly-off latents a 20-step sampler ends on.
+
+    With ``pairs`` (stage 3: latents the trained UNet's sampler ended on, and the real images
+    they started from; ``sampler_latent_pairs``) all but one image of each batch comes from
+    them, and the stage runs ``--sampler-decoder-steps`` at ``--sampler-decoder-lr``.
     """
-    rng = random.Random(args.seed + 2)  # its own stream: stage 2's data does not depend on it
-    gen = torch.Generator().manual_seed(args.seed + 2)
+    steps, lr = (args.decoder_steps, args.decoder_lr) if pairs is None else (args.sampler_decoder_steps,
+                                                                             args.sampler_decoder_lr)
+    offset = 2 if pairs is None else 4  # each stage its own stream: stage 2's data does not depend on it
+    rng = random.Random(args.seed + offset)
+    gen = torch.Generator().manual_seed(args.seed + offset)
     device = torch.device(args.device)
     vae.to(device)
     for p in vae.parameters():
@@ -209,18 +226,23 @@ def train_decoder(vae: AutoencoderKL, args) -> dict:
     params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     vae.decoder.train()
     last = {}
-    bar = tqdm(range(args.decoder_steps), desc="decoder", disable=args.quiet)
+    n_render = args.decoder_batch if pairs is None else 1
+    bar = tqdm(range(steps), desc="decoder" if pairs is None else "decoder on sampler latents", disable=args.quiet)
     for step in bar:
-        set_cosine_lr(opt, args.decoder_lr, step, args.decoder_steps)
+        set_cosine_lr(opt, lr, step, steps)
         batch = to_tensor([render(random_scene(rng, position_prob=0.6), args.size, rng)
-                           for _ in range(args.decoder_batch)]).to(device)
+                           for _ in range(n_render)]).to(device)
         with torch.no_grad():
             z = vae.encode(batch).latent_dist.mode()
             sigma = torch.rand((z.shape[0], 1, 1, 1), generator=gen) * args.decoder_noise * z.std().cpu()
             z = z + (sigma * torch.randn(z.shape, generator=gen)).to(device)
+        if pairs is not None:
+            idx = torch.randint(0, len(pairs[0]), (args.decoder_batch - n_render,), generator=gen)
+            z = torch.cat([pairs[0][idx].to(device), z])
+            batch = torch.cat([to_tensor(list(pairs[1][idx].numpy())).to(device), batch])
         recon = vae.decode(z).sample
         l1 = (recon - batch).abs().mean()
         mse = F.mse_loss(recon, batch)
@@ -252,6 +274,100 @@ def encode_dataset(vae: AutoencoderKL, args, rng: random.Random) -> tuple[torch.
         scenes += batch_scenes
     vae.cpu()
     return torch.cat(latents), scenes
+
+
+@torch.no_grad()
+def sampler_latent_pairs(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                         tokenizer: CLIPTokenizer, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents the trained UNet's sampler ends on, each paired with the real image it started from.
+
+    Each rendered scene is encoded, noised to a timestep of the studio's 20-step schedule no
+    higher than ``--sampler-decoder-max-t`` (where the noisy latent still fixes the object's
+    outline), and sampled from there to the end with deterministic DDIM and guidance 7.5, as
+    the studio does. The end latents carry the sampler's own errors (wobbly edges, rounded
+    corners); the decoder learns to draw the real image from them (stage 3). Returns
+    (unscaled latents, uint8 images NHWC).
+    """
+    rng = random.Random(args.seed + 3)
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    device = torch.device(args.device)
+    for module in (vae, unet, text_encoder):
+        module.to(device).eval()
+    scheduler = DDIMScheduler.from_config(args.scheduler_config)
+    scheduler.set_timesteps(20)
+    starts = [i for i, t in enumerate(scheduler.timesteps) if int(t) <= args.sampler_decoder_max_t]
+    if not starts:
+        raise ValueError(f"--sampler-decoder-max-t {args.sampler_decoder_max_t} is below every step of the "
+                         f"schedule ({[int(t) for t in scheduler.timesteps]})")
+
+    def embed(prompts):
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        return text_encoder(ids)[0]
+
+    latents, images = [], []
+    scale = vae.config.scaling_factor
+    bar = tqdm(range(0, args.sampler_decoder_pairs, 32), desc="sampler latents", disable=args.quiet)
+    for begin in bar:
+        n = min(32, args.sampler_decoder_pairs - begin)
+        scenes = [random_scene(rng, position_prob=0.6) for _ in range(n)]
+        rendered = [render(scene, args.size, rng) for scene in scenes]
+        z0 = vae.encode(to_tensor(rendered).to(device)).latent_dist.mode() * scale
+        timesteps = scheduler.timesteps[rng.choice(starts):]
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        z = scheduler.add_noise(z0, noise, timesteps[:1].repeat(n).to(device))
+        text = torch.cat([embed([""] * n), embed([s.prompt for s in scenes])])
+        for t in timesteps:
+            tt = t.repeat(2 * n).to(device)
+            pred_u, pred_c = unet(torch.cat([z, z]), tt, encoder_hidden_states=text).sample.chunk(2)
+            z = scheduler.step(pred_u + args.guided_loss_scale * (pred_c - pred_u), t, z).prev_sample
+        latents.append((z / scale).cpu())
+        images.append(torch.from_numpy(np.stack(rendered)))
+    for module in (vae, unet, text_encoder):
+        module.cpu()
+    return torch.cat(latents), torch.cat(images)
+
+
+def dataset_cache_key(vae: AutoencoderKL, args, rng: random.Random) -> str:
+    """What the encoded dataset depends on: the encoder's weights, the image size and count,
+    and the state of the data RNG when encoding starts (which the seed and earlier stages set)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(repr((args.size, args.dataset, rng.getstate())).encode())
+    return digest.hexdigest()[:16]
+
+
+def load_or_encode_dataset(vae: AutoencoderKL, args, rng: random.Random) -> tuple[torch.Tensor, list]:
+    """``encode_dataset``, reusing ``--dataset-cache`` when an earlier run encoded the same data.
+
+    Encoding 6000 images takes about 13 minutes of one CPU thread, and every continuation of
+    the shipped weights encodes the same images again. The cache file stores the latents, the
+    scenes and the data RNG's state after encoding, so a run that reads it draws exactly the
+    batches and captions of a run that encoded them itself.
+    """
+    if not args.dataset_cache:
+        return encode_dataset(vae, args, rng)
+    from tools.demo_world import Scene
+
+    path = Path(args.dataset_cache) / f"latents-{dataset_cache_key(vae, args, rng)}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        rng.setstate(saved["rng_state"])
+        log.info("encoded dataset read from %s", path)
+        return saved["latents"], [Scene(*s) for s in saved["scenes"]]
+    latents, scenes = encode_dataset(vae, args, rng)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"latents": latents, "scenes": [(s.color, s.shape, s.background, s.position) for s in scenes],
+                "rng_state": rng.getstate()}, tmp)
+    tmp.replace(path)
+    log.info("encoded dataset written to %s", path)
+    return latents, scenes
 
 
 @torch.no_grad()
@@ -314,6 +430,58 @@ def low_frequency_noise(shape, generator: torch.Generator, strengths: tuple[floa
     return noise
 
 
+def guided_consistency_loss(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, target: torch.Tensor,
+                            weights: torch.Tensor, scale: float) -> torch.Tensor:
+    """Loss of the classifier-free-guided prediction against the plain training target.
+
+    Where little noise is left, the noisy latent already fixes the picture, so the ideal
+    conditional and unconditional predictions coincide and guidance ``u + scale * (c - u)``
+    changes nothing. A small model does not learn that by itself: its two branches make
+    different errors, and guidance multiplies their difference by ``scale - 1``. Measured on
+    the session-6 weights at t=200, the guided x0 estimate was 22x further from the truth
+    than either branch, which is what wobbles squares' edges and rounds their corners at
+    guidance 7.5 (docs/demo-model-experiments.md, session 7). This term trains the guided
+    combination the studio samples with, at those timesteps only, towards the same target.
+    Per-sample weights as the main loss's (Min-SNR). Returns the mean over the given samples.
+    """
+    guided = pred_uncond + scale * (pred_cond - pred_uncond)
+    per_sample = F.mse_loss(guided, target, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
+
+
+def clean_and_noise(scheduler: DDPMScheduler, noisy: torch.Tensor, pred: torch.Tensor,
+                    t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean latent and the noise a UNet output implies at timesteps ``t`` (either prediction type)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(noisy.device)[t].view(-1, 1, 1, 1)
+    alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha * noisy - sigma * pred, sigma * noisy + alpha * pred
+    return (noisy - sigma * pred) / alpha, pred
+
+
+def self_generated_input(scheduler: DDPMScheduler, x0: torch.Tensor, noisy_before: torch.Tensor,
+                         guided_pred: torch.Tensor, t_before: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One deterministic DDIM step of the model itself, from ``t_before`` down to ``t``, and the
+    training target that takes that state back to the true clean latent ``x0``.
+
+    A small model's clean-image estimates at high noise are blurred, and a sampler builds each
+    next noisy latent from them, so from the second step on the model sees inputs whose picture
+    is softer than any it was trained on, and keeps the softness: squares end with rounded
+    corners even when sampling starts from a real square noised to t=600 (exposure bias,
+    Ning et al. 2023, arXiv 2301.11706, who perturb the input noise instead). Training on the
+    state the model's own step reaches, with the target that leads from it to the real image,
+    teaches it to correct its own error. Returns (noisy latent at t, target for t).
+    """
+    x0_hat, noise_hat = clean_and_noise(scheduler, noisy_before, guided_pred, t_before)
+    alphas_cumprod = scheduler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+    alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+    noisy = alpha * x0_hat + sigma * noise_hat
+    implied_noise = (noisy - alpha * x0) / sigma  # the noise that makes this state the real x0's
+    if scheduler.config.prediction_type == "v_prediction":
+        return noisy, alpha * implied_noise - sigma * x0
+    return noisy, implied_noise
+
+
 def sample_timesteps(n: int, num_train_timesteps: int, high_frac: float, generator: torch.Generator) -> torch.Tensor:
     """Uniform timesteps, with a fraction ``high_frac`` drawn from the noisiest 30% instead.
 
@@ -345,6 +513,9 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
     gen = torch.Generator().manual_seed(args.seed)
     warmup = max(1, min(200, args.unet_steps // 10))
     losses: list[torch.Tensor] = []
+    guided_losses: list[torch.Tensor] = []
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids.to(device)
     bar = tqdm(range(args.unet_steps), desc="unet+text", disable=args.quiet)
     for step in bar:
         lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
@@ -360,11 +531,49 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
         noise = low_frequency_noise(x0.shape, gen, args.low_freq_noise).to(device)
         t = sample_timesteps(args.batch, scheduler.config.num_train_timesteps, args.high_noise_frac, gen).to(device)
         noisy = scheduler.add_noise(x0, noise, t)
-        cond = text_encoder(ids)[0]
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
         target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+        weights = min_snr_weights(scheduler, t)
+        if args.self_input_frac > 0:
+            # Part of the batch starts one sampler step earlier and takes that step with the
+            # model itself (guided, as the studio samples), so it trains on its own states.
+            own = (torch.rand(args.batch, generator=gen) < args.self_input_frac).to(device)
+            own &= t + args.self_input_gap < scheduler.config.num_train_timesteps
+            if bool(own.any()):
+                noisy, target = noisy.clone(), target.clone()
+                t_before = t[own] + args.self_input_gap
+                before = scheduler.add_noise(x0[own], noise[own], t_before)
+                with torch.no_grad():
+                    own_ids = ids[own.cpu()]
+                    emb = text_encoder(torch.cat([own_ids, empty_ids.expand(len(own_ids), -1)]))[0]
+                    both = unet(torch.cat([before, before]), torch.cat([t_before, t_before]),
+                                encoder_hidden_states=emb).sample
+                    pred_c, pred_u = both.chunk(2)
+                    guided_pred = pred_u + args.guided_loss_scale * (pred_c - pred_u)
+                noisy[own], target[own] = self_generated_input(scheduler, x0[own], before, guided_pred,
+                                                               t_before, t[own])
+        # Samples at low noise with a real caption also go through the unconditional branch,
+        # in the same UNet call, for the guided-consistency term (--guided-loss).
+        guided = torch.zeros(args.batch, dtype=torch.bool)
+        if args.guided_loss > 0:
+            guided = (t.cpu() < args.guided_loss_max_t) & torch.tensor([bool(p) for p in prompts])
+        n_guided = int(guided.sum())
+        if n_guided:
+            ids = torch.cat([ids, empty_ids.expand(n_guided, -1)])
+        cond = text_encoder(ids)[0]
+        if n_guided:
+            sel = guided.to(device)
+            noisy, t_in = torch.cat([noisy, noisy[sel]]), torch.cat([t, t[sel]])
+        else:
+            t_in = t
+        pred = unet(noisy, t_in, encoder_hidden_states=cond).sample
+        pred, pred_uncond = pred[: args.batch], pred[args.batch:]
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(scheduler, t)).mean()
+        loss = (per_sample * weights).mean()
+        if n_guided:
+            g_loss = guided_consistency_loss(pred[sel], pred_uncond, target[sel], weights[sel], args.guided_loss_scale)
+            # Scaled by the guided share of the batch, so --guided-loss is its weight per sample.
+            loss = loss + args.guided_loss * g_loss * (n_guided / args.batch)
+            guided_losses.append(g_loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -380,7 +589,10 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
     text_encoder.load_state_dict(ema_text.state_dict())
     unet.cpu()
     text_encoder.cpu()
-    return {"diffusion_loss_last100": float(torch.stack(losses[-100:]).mean())}
+    stats = {"diffusion_loss_last100": float(torch.stack(losses[-100:]).mean())}
+    if guided_losses:
+        stats["guided_loss_last100"] = float(torch.stack(guided_losses[-100:]).mean())
+    return stats
 
 
 def write_model_card(out: Path, args, stats: dict, counts: dict) -> None:
@@ -428,6 +640,22 @@ Prompt adherence is measured by `python tools/eval_demo_model.py` (see the proje
     (out / "README.md").write_text(card, encoding="utf-8")
 
 
+def grow_first_level_attention(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """The same UNet with attention added at its full-resolution up level, computing exactly the
+    same function: every weight is copied, and each new transformer's output projection starts
+    at zero, so its residual branch adds nothing until training moves it."""
+    down, up = tuple(unet.config.down_block_types), tuple(unet.config.up_block_types)
+    grown = UNet2DConditionModel.from_config(dict(unet.config, up_block_types=up[:-1] + ("CrossAttnUpBlock2D",)))
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    prefix = f"up_blocks.{len(up) - 1}.attentions."
+    if unexpected or any(not key.startswith(prefix) for key in missing):
+        raise ValueError(f"cannot grow attention into this UNet: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for attention in grown.up_blocks[-1].attentions:
+        torch.nn.init.zeros_(attention.proj_out.weight)
+        torch.nn.init.zeros_(attention.proj_out.bias)
+    return grown
+
+
 def load_stage2(folder: Path, args) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """UNet and text encoder of an earlier run, to train further (``--init-from``)."""
     config_file = folder / "scheduler" / "scheduler_config.json"
@@ -444,6 +672,13 @@ def load_stage2(folder: Path, args) -> tuple[UNet2DConditionModel, CLIPTextModel
     if have != want:
         raise SystemExit(f"--init-from: {folder} has UNet channels {list(have)}, this run asks for {list(want)} "
                          f"(--unet-levels {args.unet_levels} --unet-first-channels {args.unet_first_channels})")
+    want_down, want_up = unet_block_types(args.unet_levels, args.first_level_attention)
+    if tuple(unet.config.down_block_types) != want_down or tuple(unet.config.up_block_types) != want_up:
+        if tuple(unet.config.down_block_types) != want_down or not args.first_level_attention:
+            raise SystemExit(f"--init-from: {folder} has UNet blocks {list(unet.config.up_block_types)}, this run asks "
+                             f"for {list(want_up)}; only adding --first-level-attention to a run without it is supported")
+        unet = grow_first_level_attention(unet)
+        log.info("--init-from: added attention to the UNet's full-resolution up level (starts as the identity)")
     if unet.config.downsample_padding != args.downsample_padding:
         # Same weights, other border handling in the downsamplers: continue with the padding
         # this run asks for (the UNet then learns to use the new left/right cue).
@@ -471,12 +706,31 @@ def parse_args(argv=None):
     p.add_argument("--decoder-lr", type=float, default=2e-4)
     p.add_argument("--decoder-noise", type=float, default=0.1,
                    help="largest latent jitter, as a fraction of the latents' std, in stage 1b")
+    p.add_argument("--sampler-decoder-steps", type=int, default=0,
+                   help="stage 3: fine-tune the VAE decoder on latents the trained UNet's sampler ends on, "
+                   "paired with the real images they started from (0: skip)")
+    p.add_argument("--sampler-decoder-pairs", type=int, default=1600, help="sampler latents made for stage 3")
+    p.add_argument("--sampler-decoder-lr", type=float, default=1e-4)
+    p.add_argument("--sampler-decoder-max-t", type=int, default=600,
+                   help="stage 3's sampling starts at a timestep of the 20-step schedule at or below this")
     p.add_argument("--dataset", type=int, default=6000, help="number of rendered training images")
     p.add_argument("--unet-steps", type=int, default=3500)
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--uncond-prob", type=float, default=0.1)
+    p.add_argument("--guided-loss", type=float, default=0.0,
+                   help="weight of the guided-consistency term: at timesteps below --guided-loss-max-t the "
+                   "classifier-free-guided prediction is also trained towards the target (0: off)")
+    p.add_argument("--guided-loss-scale", type=float, default=7.5,
+                   help="guidance scale of that term (the studio's and the evaluation's default)")
+    p.add_argument("--guided-loss-max-t", type=int, default=500,
+                   help="the term applies to training timesteps below this (of 1000)")
+    p.add_argument("--self-input-frac", type=float, default=0.0,
+                   help="share of each batch trained on the state one guided DDIM step of the model itself "
+                   "reaches, instead of a freshly noised latent (0: off)")
+    p.add_argument("--self-input-gap", type=int, default=50,
+                   help="that step's length in training timesteps (50: the studio's 20-step sampling)")
     p.add_argument("--high-noise-frac", type=float, default=0.3,
                    help="fraction of training timesteps drawn from the noisiest 30%% (the rest uniform)")
     p.add_argument("--low-freq-noise", default="0.3,0.35,0.3",
@@ -492,6 +746,9 @@ def parse_args(argv=None):
                    "measured worse on position and slower)")
     p.add_argument("--unet-first-channels", type=int, default=32,
                    help="channels of the UNet's first level (32x32 latents at 256 px), a multiple of 16")
+    p.add_argument("--first-level-attention", action="store_true",
+                   help="self- and cross-attention at the up path's full-resolution level (about 2x the "
+                   "UNet's cost); with --init-from a model without it, the attention is added as the identity")
     p.add_argument("--downsample-padding", type=int, choices=(0, 1), default=1,
                    help="1: SD's symmetric padding in the UNet's downsamplers; 0: pad only the right and "
                    "bottom edges (the original LDM code), which tells left from right and top from bottom")
@@ -504,6 +761,8 @@ def parse_args(argv=None):
                    "instead of training it; stage 2 is unchanged")
     p.add_argument("--init-from", help="continue training the UNet and text encoder of an earlier run's folder "
                    "(its VAE too, unless --vae-from); use another --seed so the batches differ")
+    p.add_argument("--dataset-cache", help="folder to keep encoded training sets in, reused by later runs "
+                   "with the same encoder, seed and dataset size")
     p.add_argument("--smoke", action="store_true", help="same code, a few steps: for CI")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -511,6 +770,17 @@ def parse_args(argv=None):
         args.low_freq_noise = tuple(float(v) for v in str(args.low_freq_noise).split(",") if v.strip())
     except ValueError:
         p.error(f"--low-freq-noise must be comma-separated numbers, got {args.low_freq_noise!r}")
+    if args.guided_loss < 0:
+        p.error(f"--guided-loss must be 0 or more, got {args.guided_loss}")
+    if not 0 <= args.self_input_frac <= 1:
+        p.error(f"--self-input-frac must be between 0 and 1, got {args.self_input_frac}")
+    if not 1 <= args.self_input_gap < 1000:
+        p.error(f"--self-input-gap must be between 1 and 999 training timesteps, got {args.self_input_gap}")
+    if not 49 <= args.sampler_decoder_max_t <= 1000:
+        p.error(f"--sampler-decoder-max-t must be between 49 (the 20-step schedule's last step) and 1000, "
+                f"got {args.sampler_decoder_max_t}")
+    if not 1 <= args.guided_loss_max_t <= 1000:
+        p.error(f"--guided-loss-max-t must be between 1 and 1000 (training timesteps), got {args.guided_loss_max_t}")
     try:
         unet_channels(args.unet_levels, args.unet_first_channels)
     except ValueError as err:
@@ -519,10 +789,13 @@ def parse_args(argv=None):
         args.scheduler_config = scheduler_config(args.prediction_type, args.zero_terminal_snr)
     except ValueError as err:
         p.error(str(err))
+    if args.unet_steps < 0 or (args.unet_steps == 0 and not args.init_from):
+        p.error(f"--unet-steps must be positive (0 only with --init-from, to run stage 3 alone), got {args.unet_steps}")
     if args.smoke:
         args.size, args.vae_steps, args.vae_batch, args.vae_crop = 64, 3, 2, 64
-        args.dataset, args.unet_steps, args.batch = 16, 3, 4
+        args.dataset, args.unet_steps, args.batch = 16, min(args.unet_steps, 3), 4
         args.decoder_steps, args.decoder_batch = min(args.decoder_steps, 2), 2
+        args.sampler_decoder_steps, args.sampler_decoder_pairs = min(args.sampler_decoder_steps, 2), 4
     return args
 
 
@@ -543,7 +816,8 @@ def main(argv=None) -> Path:
     vocab = tokenizer.get_vocab()
     vae = build_vae(args.size)
     text_encoder = build_text_encoder(len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    unet = build_unet(args.size, args.unet_levels, args.downsample_padding, args.unet_first_channels)
+    unet = build_unet(args.size, args.unet_levels, args.downsample_padding, args.unet_first_channels,
+                      args.first_level_attention)
     if args.init_from:
         unet, text_encoder = load_stage2(Path(args.init_from), args)
         args.vae_from = args.vae_from or str(Path(args.init_from) / "vae")
@@ -572,12 +846,20 @@ def main(argv=None) -> Path:
     for p in vae.parameters():
         p.requires_grad_(False)
     stats["vae_heldout_l1_uint8"] = heldout_reconstruction_error(vae, args)
-    latents, scenes = encode_dataset(vae, args, rng)
-    # As in SD: scale latents to unit variance so the noise schedule fits them.
-    args.scaling_factor = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=args.scaling_factor)
+    if args.unet_steps:
+        latents, scenes = load_or_encode_dataset(vae, args, rng)
+        # As in SD: scale latents to unit variance so the noise schedule fits them.
+        args.scaling_factor = float(1.0 / latents.std())
+        vae.register_to_config(scaling_factor=args.scaling_factor)
+        stats.update(train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng))
+    else:  # stage 3 alone on an earlier run: keep the latent scale its UNet was trained with
+        args.scaling_factor = float(vae.config.scaling_factor)
     stats["vae_scaling_factor"] = args.scaling_factor
-    stats.update(train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng))
+    if args.sampler_decoder_steps:
+        pairs = sampler_latent_pairs(vae, unet, text_encoder, tokenizer, args)
+        stats.update({f"sampler_{k}": v for k, v in train_decoder(vae, args, pairs).items()})
+        stats["sampler_decoder_steps"] = args.sampler_decoder_steps
+        stats["vae_heldout_l1_uint8_after_sampler_decoder"] = heldout_reconstruction_error(vae, args)
     stats["train_minutes"] = (time.perf_counter() - start) / 60
 
     pipe = StableDiffusionPipeline(
