@@ -485,8 +485,11 @@ def test_sampler_decoder_stage_alone_changes_only_the_decoder(tmp_path, capsys):
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
     scale = [json.loads((f / "vae/config.json").read_text())["scaling_factor"] for f in (first, refined)]
     assert scale[0] == scale[1]
-    stats = json.loads((refined / "training.json").read_text())["stats"]
+    record = json.loads((refined / "training.json").read_text())
+    stats = record["stats"]
     assert stats["sampler_decoder_steps"] == 2 and stats["sampler_decoder_l1"] > 0
+    # The refined folder carries the record of the run it refined.
+    assert record["init_from_training"] == json.loads((first / "training.json").read_text())
     manager = PipelineManager(AppConfig(model=str(refined), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
     assert np.asarray(manager.txt2img(Txt2ImgRequest(prompt="a red circle on a blue background", steps=2,
                                                      seed=1)).images[0]).shape == (64, 64, 3)

@@ -818,8 +818,11 @@ def main(argv=None) -> Path:
     text_encoder = build_text_encoder(len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id)
     unet = build_unet(args.size, args.unet_levels, args.downsample_padding, args.unet_first_channels,
                       args.first_level_attention)
+    parent_record = None
     if args.init_from:
         unet, text_encoder = load_stage2(Path(args.init_from), args)
+        if (Path(args.init_from) / "training.json").is_file():
+            parent_record = json.loads((Path(args.init_from) / "training.json").read_text())
         args.vae_from = args.vae_from or str(Path(args.init_from) / "vae")
     counts = {"unet": param_count(unet), "vae": param_count(vae), "text_encoder": param_count(text_encoder)}
     log.info("parameters: %s", counts)
@@ -877,7 +880,12 @@ def main(argv=None) -> Path:
         import shutil
 
         shutil.rmtree(stage1)
-    (out / "training.json").write_text(json.dumps({"args": vars(args), "stats": stats}, indent=2, default=str))
+    record = {"args": vars(args), "stats": stats}
+    if parent_record is not None:
+        # A continuation keeps the record of the weights it started from, so a model folder's
+        # training.json holds its whole lineage (read at the start: `out` may be that folder).
+        record["init_from_training"] = parent_record
+    (out / "training.json").write_text(json.dumps(record, indent=2, default=str))
     write_model_card(out, args, stats, counts)
     log.info("wrote %s in %.1f min: %s", out, stats["train_minutes"], stats)
     return out
