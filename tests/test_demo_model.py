@@ -154,13 +154,14 @@ def test_training_refuses_epsilon_with_zero_terminal_snr(capsys):
     assert args.scheduler_config["prediction_type"] == "epsilon" and "rescale_betas_zero_snr" not in args.scheduler_config
 
 
-def test_demo_model_follows_colour_and_position_prompts(demo_manager):
-    """16-prompt version of tools/eval_demo_model.py: colours at the issue's 95%, position at 85%.
+def test_demo_model_follows_colour_shape_and_position_prompts(demo_manager):
+    """16-prompt version of tools/eval_demo_model.py: colours at the issue's 95%, shape and position at 85%.
 
-    Shape is below the issue's 85% on the shipped weights (13 of these 16, 73% of 64) and is left
-    to the open issue; it is held at 75% here so it cannot slip back (the session-4 weights read
-    56% of 64). This keeps what the model does get right from regressing (the first bundled model
-    scored 44% / 19% on colour / background here, the session-2 weights put the object at chance).
+    Shape is held at the issue's 85% on these 16 (the shipped weights draw 14 of them right; 81% of
+    the full 64, still short there, is left to the open issue; the session-5 weights read 13 of 16,
+    the session-4 weights 56% of 64). This keeps what the model does get right from regressing
+    (the first bundled model scored 44% / 19% on colour / background here, the session-2 weights
+    put the object at chance).
     """
     from tools.eval_demo_model import evaluate
 
@@ -171,7 +172,7 @@ def test_demo_model_follows_colour_and_position_prompts(demo_manager):
     placed = [(r["prompt"], r["read"]["position"]) for r in report["rows"] if r["position"] is not None]
     assert len(placed) == 8 and acc["position"] >= 0.85, placed
     shapes = [(r["prompt"], r["read"]["shape"], r["read"]["fill"]) for r in report["rows"] if not r["shape"]]
-    assert acc["shape"] >= 0.75, shapes
+    assert acc["shape"] >= 0.85, shapes
     assert demo_manager.native_size == 256
     assert demo_manager.guard.safety_status.startswith("not applicable")
 
