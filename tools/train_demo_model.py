@@ -821,8 +821,9 @@ def main(argv=None) -> Path:
     parent_record = None
     if args.init_from:
         unet, text_encoder = load_stage2(Path(args.init_from), args)
-        if (Path(args.init_from) / "training.json").is_file():
-            parent_record = json.loads((Path(args.init_from) / "training.json").read_text())
+        parent = Path(args.init_from) / "training.json"
+        if parent.is_file():
+            parent_record = json.loads(parent.read_text())
         args.vae_from = args.vae_from or str(Path(args.init_from) / "vae")
     counts = {"unet": param_count(unet), "vae": param_count(vae), "text_encoder": param_count(text_encoder)}
     log.info("parameters: %s", counts)
