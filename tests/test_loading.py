@@ -35,6 +35,29 @@ def test_folder_and_single_file_give_the_same_pixels(tiny_config, tiny_single_fi
     assert from_file.info.hash == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:10]
 
 
+def test_weights_rewritten_in_place_do_not_change_a_loaded_model(tiny_config, tmp_path):
+    """A plain `cp` of other weights over a loaded model's files (same shapes, so same file size,
+    rewritten in place) must not change what the running studio draws or the hash it records."""
+    import shutil
+
+    from pipelines.tiny import save_tiny_pipeline
+
+    folder = tmp_path / "model"
+    other = save_tiny_pipeline(tmp_path / "other", seed=1)
+    shutil.copytree(tiny_config.model, folder)
+    running = PipelineManager(dataclasses.replace(tiny_config, model=str(folder)))
+    before, hash_before = pixels(running.txt2img(REQ)), running.info.hash
+    for weights in sorted(other.rglob("*.safetensors")):
+        target = folder / weights.relative_to(other)
+        assert target.stat().st_size == weights.stat().st_size
+        with open(target, "r+b") as fh:  # what `cp` does: same inode, new bytes
+            fh.write(weights.read_bytes())
+    reloaded = PipelineManager(dataclasses.replace(tiny_config, model=str(folder)))
+    assert not np.array_equal(pixels(reloaded.txt2img(REQ)), before)  # the files did change
+    assert np.array_equal(pixels(running.txt2img(REQ)), before)
+    assert running.info.hash == hash_before
+
+
 def test_ckpt_loads_through_weights_only_unpickling(tiny_config, tiny_single_file, tmp_path):
     from safetensors.torch import load_file
 
