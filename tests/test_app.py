@@ -73,3 +73,17 @@ def test_api_lists_the_three_endpoints_with_request_field_names(served):
     assert set(info) >= {"/txt2img", "/upscale", "/canvas"}
     names = [p["parameter_name"] for p in info["/txt2img"]["parameters"]]
     assert names == list(TXT2IMG)
+
+
+def test_only_the_prompt_is_required(served):
+    """A script passes just the prompt: the negative prompt defaults to empty, like the page's."""
+    client, manager, _ = served
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    for endpoint in ("/txt2img", "/canvas"):
+        required = [p["parameter_name"] for p in info[endpoint]["parameters"] if not p["parameter_has_default"]]
+        assert required == ["prompt"], endpoint
+    gallery, seed, parameters, _ = client.predict(prompt=TXT2IMG["prompt"], steps=2, seed=5, api_name="/txt2img")
+    assert seed == 5 and len(gallery) == 1
+    with Image.open(gallery[0]["image"]) as im:
+        assert '"negative_prompt": ""' in im.info[JSON_CHUNK]
+        assert im.size == (manager.native_size, manager.native_size)

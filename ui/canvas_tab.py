@@ -98,7 +98,7 @@ def build_canvas_tab_section(ctx: UIContext, tabs, t2i) -> GalleryOutputs:
             with gr.Column(scale=3):
                 prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Describe the whole canvas",
                                     elem_id="canvas-prompt")
-                negative_prompt = gr.Textbox(label="Negative prompt", lines=2, elem_id="canvas-negative")
+                negative_prompt = gr.Textbox(value="", label="Negative prompt", lines=2, elem_id="canvas-negative")
                 with gr.Row():
                     sampler = gr.Dropdown(list(SAMPLERS), value=manager.default_sampler, label="Sampler")
                     steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")

@@ -55,7 +55,7 @@ def build_txt2img_tab(ctx: UIContext) -> GalleryOutputs:
     with gr.Row():
         with gr.Column(scale=3):
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Describe the image", elem_id="txt2img-prompt")
-            negative_prompt = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img-negative")
+            negative_prompt = gr.Textbox(value="", label="Negative prompt", lines=2, elem_id="txt2img-negative")
             with gr.Row():
                 sampler = gr.Dropdown(list(SAMPLERS), value=manager.default_sampler, label="Sampler")
                 steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
