@@ -73,30 +73,26 @@ def apply_speed_options(pipe, config: AppConfig, device: str) -> None:
     pipe.set_progress_bar_config(disable=True)
 
 
-def own_cpu_weights(pipe) -> int:
-    """Copy the weights left on the CPU into the process's own memory; return how many tensors.
+def own_cpu_weights(pipe) -> None:
+    """Copy the weights left on the CPU into the process's own memory.
 
     diffusers memory-maps .safetensors files, so until a weight is copied (to a GPU, or to
     another dtype) it is read from the file itself. A file rewritten in place while the studio
-    runs (a plain ``cp`` of new weights into the model folder, a training run saving there by
-    truncate-and-write) would change the weights under a running job, and every later image's
-    metadata would name a model hash that no longer describes them. With a private copy the
-    studio keeps serving the model it loaded, and reloading takes a restart.
+    runs (a plain ``cp`` of new weights into the model folder) would change the weights under a
+    running job, and every later image's metadata would name a model hash that no longer
+    describes them. With a private copy the studio keeps serving the model it loaded, and
+    reloading takes a restart.
     """
-    count = 0
     for component in pipe.components.values():
         if not isinstance(component, torch.nn.Module):
             continue
         for module in component.modules():
-            for name, param in module._parameters.items():
+            for param in module._parameters.values():
                 if param is not None and param.device.type == "cpu":
                     param.data = param.data.clone()
-                    count += 1
             for name, buf in module._buffers.items():
                 if buf is not None and buf.device.type == "cpu":
                     module._buffers[name] = buf.clone()
-                    count += 1
-    return count
 
 
 class PipelineManager:

@@ -494,17 +494,7 @@ def test_sampler_decoder_stage_alone_changes_only_the_decoder(tmp_path, capsys):
     manager = PipelineManager(AppConfig(model=str(refined), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
     assert np.asarray(manager.txt2img(Txt2ImgRequest(prompt="a red circle on a blue background", steps=2,
                                                      seed=1)).images[0]).shape == (64, 64, 3)
-    # Refining into the folder the studio has loaded leaves the studio's weights alone: diffusers
-    # memory-maps safetensors, so a file rewritten in place (as a plain `cp` does) would change
-    # them underneath; save_pretrained writes a new file instead.
-    loaded = {k: v.detach().clone() for k, v in manager.pipe.vae.state_dict().items()}
-    train([*vpred, "--seed", "1", "--init-from", str(refined), "--unet-steps", "0", "--sampler-decoder-steps", "2",
-           "--out", str(refined)])
-    written = load_file(refined / "vae/diffusion_pytorch_model.safetensors")
-    assert any(not torch.equal(loaded[k], written[k]) for k in written if k.startswith("decoder."))
-    assert all(torch.equal(loaded[k], v) for k, v in manager.pipe.vae.state_dict().items())
     # Stage 3 alone needs an earlier run to refine.
     with pytest.raises(SystemExit):
         parse_args(["--unet-steps", "0"])
     assert "--unet-steps must be positive (0 only with --init-from" in capsys.readouterr().err
-
