@@ -24,6 +24,23 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 CLIP_TOKENIZER_ID = "openai/clip-vit-large-patch14"
 
 
+def own_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """Copy ``module``'s CPU parameters and buffers out of the files they were loaded from.
+
+    diffusers and transformers memory-map .safetensors files, so until a weight is copied (to a
+    GPU, or to another dtype) it is read from the file itself, and a file rewritten in place
+    (a plain ``cp``) changes the weights of every process that loaded it. Returns ``module``.
+    """
+    for sub in module.modules():
+        for param in sub._parameters.values():
+            if param is not None and param.device.type == "cpu":
+                param.data = param.data.clone()
+        for name, buf in sub._buffers.items():
+            if buf is not None and buf.device.type == "cpu":
+                sub._buffers[name] = buf.clone()
+    return module
+
+
 class ModelLoadError(ValueError):
     """The model named by the user cannot be found or loaded; the message says which and why."""
 

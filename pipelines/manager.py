@@ -19,7 +19,8 @@ import torch
 
 from .config import AppConfig
 from .guard import Blocklist, OutputGuard, SafetyCheckerUnavailable, SafetyFilter, Watermarker, SAFETY_CHECKER_ID
-from .loading import DEFAULT_MODEL, ModelLoadError, ModelSource, _fallback, load_pipeline, model_hash, resolve_model_source
+from .loading import (DEFAULT_MODEL, ModelLoadError, ModelSource, _fallback, load_pipeline, model_hash, own_weights,
+                      resolve_model_source)
 from .progress import JobControl
 from .requests import MAX_SEED, Txt2ImgRequest
 from .results import GenerationResult
@@ -74,25 +75,16 @@ def apply_speed_options(pipe, config: AppConfig, device: str) -> None:
 
 
 def own_cpu_weights(pipe) -> None:
-    """Copy the weights left on the CPU into the process's own memory.
+    """Copy the weights every component left on the CPU into the process's own memory.
 
-    diffusers memory-maps .safetensors files, so until a weight is copied (to a GPU, or to
-    another dtype) it is read from the file itself. A file rewritten in place while the studio
-    runs (a plain ``cp`` of new weights into the model folder) would change the weights under a
-    running job, and every later image's metadata would name a model hash that no longer
-    describes them. With a private copy the studio keeps serving the model it loaded, and
-    reloading takes a restart.
+    A file rewritten in place while the studio runs (a plain ``cp`` of new weights into the
+    model folder) would otherwise change the weights under a running job, and every later
+    image's metadata would name a model hash that no longer describes them. With a private
+    copy the studio keeps serving the model it loaded, and reloading takes a restart.
     """
     for component in pipe.components.values():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        for module in component.modules():
-            for param in module._parameters.values():
-                if param is not None and param.device.type == "cpu":
-                    param.data = param.data.clone()
-            for name, buf in module._buffers.items():
-                if buf is not None and buf.device.type == "cpu":
-                    module._buffers[name] = buf.clone()
+        if isinstance(component, torch.nn.Module):
+            own_weights(component)
 
 
 class PipelineManager:

@@ -78,6 +78,20 @@ def test_training_continues_from_an_earlier_run_and_refuses_a_mismatched_one(tmp
         train(["--smoke", "--quiet", *vpred, "--unet-first-channels", "48", "--init-from", str(first),
                "--out", str(tmp_path / "f")])
 
+    # A continuation keeps its own copy of the weights it starts from: the start folder's files
+    # rewritten in place (a plain `cp` of other weights of the same shapes) leave it unchanged.
+    from tools.train_demo_model import load_stage2, parse_args
+
+    unet, text_encoder = load_stage2(first, parse_args(["--smoke", *vpred]))
+    before = {k: v.clone() for k, v in {**unet.state_dict(), **text_encoder.state_dict()}.items()}
+    for component in ("unet", "text_encoder"):
+        for weights in sorted((tmp_path / "c" / component).glob("*.safetensors")):
+            with open(first / component / weights.name, "r+b") as fh:
+                fh.write(weights.read_bytes())
+    assert not torch.equal(UNet2DConditionModel.from_pretrained(first / "unet").state_dict()[key], before[key])
+    after = {**unet.state_dict(), **text_encoder.state_dict()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
 
 def test_wider_first_unet_level_trains_and_loads(tmp_path, capsys):
     """--unet-first-channels widens the 32x32-latent level (where edges are drawn) and nothing else."""

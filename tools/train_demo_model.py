@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
+from pipelines.loading import own_weights  # noqa: E402
 from pipelines.tokenizer_files import write_clip_tokenizer  # noqa: E402
 from tools.demo_world import VOCABULARY, random_scene, render  # noqa: E402
 
@@ -667,7 +668,7 @@ def load_stage2(folder: Path, args) -> tuple[UNet2DConditionModel, CLIPTextModel
         if config.get(key, False) != want:
             raise SystemExit(f"--init-from: {folder} was trained with {key}={config.get(key, False)!r}, "
                              f"this run asks for {want!r}; pass the matching --prediction-type / --zero-terminal-snr")
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    unet = own_weights(UNet2DConditionModel.from_pretrained(folder / "unet"))
     have, want = tuple(unet.config.block_out_channels), unet_channels(args.unet_levels, args.unet_first_channels)
     if have != want:
         raise SystemExit(f"--init-from: {folder} has UNet channels {list(have)}, this run asks for {list(want)} "
@@ -687,7 +688,7 @@ def load_stage2(folder: Path, args) -> tuple[UNet2DConditionModel, CLIPTextModel
         state = unet.state_dict()
         unet = UNet2DConditionModel.from_config(dict(unet.config, downsample_padding=args.downsample_padding))
         unet.load_state_dict(state)
-    return unet, CLIPTextModel.from_pretrained(folder / "text_encoder")
+    return unet, own_weights(CLIPTextModel.from_pretrained(folder / "text_encoder"))
 
 
 def parse_args(argv=None):
@@ -831,7 +832,7 @@ def main(argv=None) -> Path:
     stats: dict = {}
     stage1 = out / "vae-stage1"
     if args.vae_from:
-        vae = AutoencoderKL.from_pretrained(args.vae_from)
+        vae = own_weights(AutoencoderKL.from_pretrained(args.vae_from))
         stats["vae_reused_from"] = str(args.vae_from)
         log.info("reusing the VAE of %s", args.vae_from)
     elif args.resume_vae and (stage1 / "config.json").is_file():
