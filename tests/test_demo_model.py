@@ -77,7 +77,6 @@ def test_training_continues_from_an_earlier_run_and_refuses_a_mismatched_one(tmp
     with pytest.raises(SystemExit, match=r"this run asks for \[48, 64, 128\] \(--unet-levels 3 --unet-first-channels 48\)"):
         train(["--smoke", "--quiet", *vpred, "--unet-first-channels", "48", "--init-from", str(first),
                "--out", str(tmp_path / "f")])
-
     # A continuation keeps its own copy of the weights it starts from: the start folder's files
     # rewritten in place (a plain `cp` of other weights of the same shapes) leave it unchanged.
     from tools.train_demo_model import load_stage2, parse_args
@@ -356,6 +355,28 @@ def test_unet_width_benchmark_reports_ratios_to_the_first_width():
     assert base["ratio"] == 1.0 and wide["ratio"] > 0
     assert wide["unet_params"] > base["unet_params"]  # only the first level grew
     assert wide["seconds_per_image"] > report["vae_decode_s"] > 0
+
+
+def test_logit_normal_timesteps_weight_middle_noise_and_bad_values_are_refused(capsys):
+    from tools.train_demo_model import parse_args, sample_timesteps
+
+    def draw(logit_normal, seed=0):
+        return sample_timesteps(20000, 1000, 0.0, torch.Generator().manual_seed(seed), logit_normal)
+
+    uniform, middle = draw(None), draw((0.0, 1.0))
+    assert int(middle.min()) >= 0 and int(middle.max()) <= 999
+    share = lambda t: float(((t >= 300) & (t < 700)).float().mean())  # noqa: E731
+    # sigmoid(N(0, 1)) puts P(|N| < logit(0.7)) = 60% of the draws in the middle 40% of the range.
+    assert share(uniform) == pytest.approx(0.40, abs=0.02)
+    assert share(middle) == pytest.approx(0.60, abs=0.02)
+    assert float(draw((1.0, 1.0)).float().mean()) > float(middle.float().mean()) + 150  # a positive mean shifts to noise
+    assert torch.equal(draw((0.0, 1.0), seed=3), draw((0.0, 1.0), seed=3))
+    assert parse_args(["--logit-normal-timesteps", "0,1"]).logit_normal_timesteps == (0.0, 1.0)
+    assert parse_args([]).logit_normal_timesteps is None
+    for bad, message in (("0", "must be MEAN,STD (two numbers), got '0'"), ("0,-1", "STD must be positive, got -1")):
+        with pytest.raises(SystemExit):
+            parse_args(["--logit-normal-timesteps", bad])
+        assert message in capsys.readouterr().err
 
 
 def test_guided_consistency_loss_is_guidance_times_the_branches_disagreement():

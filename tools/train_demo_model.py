@@ -483,8 +483,13 @@ def self_generated_input(scheduler: DDPMScheduler, x0: torch.Tensor, noisy_befor
     return noisy, implied_noise
 
 
-def sample_timesteps(n: int, num_train_timesteps: int, high_frac: float, generator: torch.Generator) -> torch.Tensor:
+def sample_timesteps(n: int, num_train_timesteps: int, high_frac: float, generator: torch.Generator,
+                     logit_normal: tuple[float, float] | None = None) -> torch.Tensor:
     """Uniform timesteps, with a fraction ``high_frac`` drawn from the noisiest 30% instead.
+
+    With ``logit_normal=(m, s)`` the base draw is ``sigmoid(N(m, s))`` of the timestep range
+    instead of uniform (Esser et al. 2024, arXiv 2403.03206, sec. 3.1): it weights middle
+    noise, where the outline of the object is decided, over the ends.
 
     Composition (where the object goes, which colour fills the background) is decided in the
     first sampling steps, at high noise, and only there does the prompt carry information the
@@ -492,7 +497,11 @@ def sample_timesteps(n: int, num_train_timesteps: int, high_frac: float, generat
     loss (an error in the predicted image counts ``SNR`` times as much as one in epsilon), so
     the model sees more of them instead.
     """
-    t = torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    if logit_normal is None:
+        t = torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    else:
+        u = torch.sigmoid(logit_normal[0] + logit_normal[1] * torch.randn(n, generator=generator))
+        t = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
     high = torch.rand(n, generator=generator) < high_frac
     t_high = torch.randint(int(0.7 * num_train_timesteps), num_train_timesteps, (n,), generator=generator)
     return torch.where(high, t_high, t)
@@ -530,7 +539,8 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
         # Noise and timesteps come from the CPU generator on every device, so a GPU run
         # draws the same batches as a CPU run of the same command.
         noise = low_frequency_noise(x0.shape, gen, args.low_freq_noise).to(device)
-        t = sample_timesteps(args.batch, scheduler.config.num_train_timesteps, args.high_noise_frac, gen).to(device)
+        t = sample_timesteps(args.batch, scheduler.config.num_train_timesteps, args.high_noise_frac, gen,
+                             args.logit_normal_timesteps).to(device)
         noisy = scheduler.add_noise(x0, noise, t)
         target = scheduler.get_velocity(x0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
         weights = min_snr_weights(scheduler, t)
@@ -626,7 +636,7 @@ Native size {args.size}x{args.size} px ({args.size // 8}x{args.size // 8} latent
 
 ## Training
 
-    python tools/train_demo_model.py --seed {args.seed} --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --dataset {args.dataset} --batch {args.batch} --low-freq-noise {",".join(f"{v:g}" for v in args.low_freq_noise)} --high-noise-frac {args.high_noise_frac:g} --lr {args.lr:g} --prediction-type {args.prediction_type} {snr_flag} --unet-levels {args.unet_levels} --unet-first-channels {args.unet_first_channels} --downsample-padding {args.downsample_padding} --decoder-steps {args.decoder_steps}{f" --init-from {args.init_from}" if args.init_from else ""}{f" --vae-from {args.vae_from}" if args.vae_from else ""}
+    python tools/train_demo_model.py --seed {args.seed} --vae-steps {args.vae_steps} --unet-steps {args.unet_steps} --dataset {args.dataset} --batch {args.batch} --low-freq-noise {",".join(f"{v:g}" for v in args.low_freq_noise)} --high-noise-frac {args.high_noise_frac:g}{" --logit-normal-timesteps " + ",".join(f"{v:g}" for v in args.logit_normal_timesteps) if args.logit_normal_timesteps else ""} --lr {args.lr:g} --prediction-type {args.prediction_type} {snr_flag} --unet-levels {args.unet_levels} --unet-first-channels {args.unet_first_channels} --downsample-padding {args.downsample_padding} --decoder-steps {args.decoder_steps}{f" --init-from {args.init_from}" if args.init_from else ""}{f" --vae-from {args.vae_from}" if args.vae_from else ""}
 
 on {torch.get_num_threads()} CPU threads, torch {torch.__version__}; it took {stats.get('train_minutes', 0):.1f} minutes.
 
@@ -734,6 +744,9 @@ def parse_args(argv=None):
                    help="that step's length in training timesteps (50: the studio's 20-step sampling)")
     p.add_argument("--high-noise-frac", type=float, default=0.3,
                    help="fraction of training timesteps drawn from the noisiest 30%% (the rest uniform)")
+    p.add_argument("--logit-normal-timesteps", metavar="MEAN,STD",
+                   help="draw training timesteps as sigmoid(N(MEAN, STD)) of the range instead of uniformly "
+                        "(e.g. 0,1: more middle noise, where outlines are decided)")
     p.add_argument("--low-freq-noise", default="0.3,0.35,0.3",
                    help="strengths of extra training noise at 1x1, 2x2, 4x4, ... (comma-separated; 0 turns it off)")
     # The shipped weights come from two runs (v-prediction, zero terminal SNR, then continued
@@ -771,6 +784,14 @@ def parse_args(argv=None):
         args.low_freq_noise = tuple(float(v) for v in str(args.low_freq_noise).split(",") if v.strip())
     except ValueError:
         p.error(f"--low-freq-noise must be comma-separated numbers, got {args.low_freq_noise!r}")
+    if args.logit_normal_timesteps is not None:
+        try:
+            mean, std = (float(v) for v in args.logit_normal_timesteps.split(","))
+        except ValueError:
+            p.error(f"--logit-normal-timesteps must be MEAN,STD (two numbers), got {args.logit_normal_timesteps!r}")
+        if not std > 0:
+            p.error(f"--logit-normal-timesteps: STD must be positive, got {std:g}")
+        args.logit_normal_timesteps = (mean, std)
     if args.guided_loss < 0:
         p.error(f"--guided-loss must be 0 or more, got {args.guided_loss}")
     if not 0 <= args.self_input_frac <= 1:
