@@ -533,3 +533,109 @@ def test_sampler_decoder_stage_alone_changes_only_the_decoder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--unet-steps", "0"])
     assert "--unet-steps must be positive (0 only with --init-from" in capsys.readouterr().err
+
+
+def test_caption_matches_takes_a_position_free_caption_as_true_for_any_placement():
+    from tools.train_demo_model import caption_matches
+
+    placed = Scene("red", "square", "blue", "top left")
+    anywhere = Scene("red", "square", "blue", None)
+    captions = [placed, anywhere, Scene("red", "square", "blue", "top right"), Scene("red", "circle", "blue", None),
+                Scene("green", "square", "blue", None)]
+    got = caption_matches([placed, anywhere], captions)
+    assert got.tolist() == [[True, True, False, False, False],
+                            [False, True, False, False, False]]
+
+
+def test_contrastive_text_pretraining_pulls_captions_to_their_images():
+    """The CLIP-style stage on a tiny real dataset: 200 scenes of the world reduced to 32x32 (the
+    layout of the latents), 200 steps of batch 32. At the start every caption is as likely as any
+    other for an image (loss ln 32 = 3.47); the stage must bring the loss well under that, and
+    report held-out retrieval accuracies."""
+    import math
+    import tempfile
+
+    import torch.nn.functional as F
+    from transformers import CLIPTokenizer
+
+    from pipelines.tokenizer_files import write_clip_tokenizer
+    from tools.demo_world import VOCABULARY, random_scene
+    from tools.train_demo_model import build_text_encoder, parse_args, pretrain_text_encoder, to_tensor
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    scenes = [random_scene(rng, position_prob=0.6) for _ in range(200)]
+    images = to_tensor([render(s, 64, rng) for s in scenes])
+    latents = torch.cat([F.avg_pool2d(images, 2), images.mean(1, keepdim=True)[:, :, ::2, ::2]], dim=1)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, VOCABULARY))
+    text_encoder = build_text_encoder(len(tokenizer.get_vocab()), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    args = parse_args(["--text-pretrain-steps", "200", "--text-pretrain-batch", "32", "--text-pretrain-lr", "2e-3",
+                       "--quiet"])
+    args.scaling_factor = float(1 / latents.std())
+    stats = pretrain_text_encoder(text_encoder, tokenizer, latents, scenes, args, random.Random(1))
+    assert stats["text_pretrain_loss_last50"] < 0.75 * math.log(32), stats
+    for attr in ("color", "shape", "background", "position"):
+        assert 0.0 <= stats[f"text_pretrain_heldout_{attr}"] <= 1.0
+
+
+def test_pretrained_text_encoder_stays_frozen_and_bf16_runs_save_float32(tmp_path, capsys):
+    """--text-pretrain-steps changes the text encoder before stage 2, --freeze-text-encoder keeps it
+    exactly through stage 2 (every checkpoint of --checkpoint-every holds the same one), --bf16
+    still writes float32 weights, and each checkpoint loads through the studio's loader."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tools.train_demo_model import main as train, parse_args
+
+    base = ["--smoke", "--quiet", "--bf16", "--prediction-type", "v_prediction", "--zero-terminal-snr",
+            "--freeze-text-encoder", "--checkpoint-every", "1"]
+    frozen = train([*base, "--text-pretrain-steps", "2", "--out", str(tmp_path / "frozen")])
+    untouched = train([*base, "--out", str(tmp_path / "untouched")])
+    joint = train(["--smoke", "--quiet", "--bf16", "--prediction-type", "v_prediction", "--zero-terminal-snr",
+                   "--checkpoint-every", "1", "--out", str(tmp_path / "joint")])
+    name = "text_encoder/model.safetensors"
+    final = load_file(frozen / name)
+    assert {str(v.dtype) for v in final.values()} == {"torch.float32"}
+    assert {str(v.dtype) for v in load_file(frozen / "unet/diffusion_pytorch_model.safetensors").values()} == {
+        "torch.float32"}
+    checkpoints = sorted((frozen / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-1", "step-2"]
+    for checkpoint in checkpoints:
+        saved = load_file(checkpoint / name)
+        assert all(torch.equal(saved[k], final[k]) for k in final)
+    # Pretraining moved the encoder away from its random start (the untouched run kept that start) ...
+    start = load_file(untouched / name)
+    assert any(not torch.equal(start[k], final[k]) for k in final)
+    # ... and without --freeze-text-encoder stage 2 trains it.
+    trained = load_file(joint / name)
+    assert any(not torch.equal(start[k], trained[k]) for k in start)
+    stats = json.loads((frozen / "training.json").read_text())["stats"]
+    assert {"text_pretrain_heldout_shape", "text_pretrain_loss_last50"} <= set(stats)
+    manager = PipelineManager(AppConfig(model=str(checkpoints[0]), output_dir=tmp_path / "o", device="cpu",
+                                        safety_checker=False))
+    image = manager.txt2img(Txt2ImgRequest(prompt="a red circle on a blue background", steps=2, seed=1)).images[0]
+    assert np.asarray(image).shape == (64, 64, 3)
+
+    for bad, message in ((["--guided-loss-from", "1"], "--guided-loss-from must be a fraction of the UNet steps in [0, 1), got 1.0"),
+                         (["--text-pretrain-steps", "-1"], "--text-pretrain-steps must be 0 or more, got -1"),
+                         (["--checkpoint-every", "-5"], "--checkpoint-every must be 0 or more, got -5"),
+                         (["--text-pretrain-batch", "1"], "--text-pretrain-batch must be at least 2")):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert message in capsys.readouterr().err
+
+
+def test_guided_loss_from_starts_the_term_partway_through_stage_2(tmp_path):
+    import json
+
+    from tools.train_demo_model import main as train
+
+    args = ["--smoke", "--quiet", "--prediction-type", "v_prediction", "--zero-terminal-snr",
+            "--guided-loss", "1", "--guided-loss-max-t", "1000"]
+    counts = {}
+    for start in ("0", "0.5"):
+        out = train([*args, "--guided-loss-from", start, "--out", str(tmp_path / start)])
+        counts[start] = json.loads((out / "training.json").read_text())["stats"]["guided_loss_steps"]
+    assert counts == {"0": 3, "0.5": 2}  # the smoke run's 3 UNet steps; from 0.5: steps 1 and 2

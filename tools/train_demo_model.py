@@ -150,6 +150,14 @@ def build_unet(size: int, levels: int = 3, downsample_padding: int = 1, first_ch
     )
 
 
+def autocast(args):
+    """bf16 autocast for a training stage's forward passes when ``--bf16`` (weights, optimiser
+    state and losses stay float32). On a CPU with AVX512-BF16 this roughly halves the cost of
+    the VAE and UNet convolutions; the saved weights are float32 either way."""
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16,
+                          enabled=bool(args.bf16))
+
+
 def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     """uint8 HWC images -> float NCHW in [-1, 1], as the VAE expects."""
     arr = np.stack(images).astype(np.float32) / 127.5 - 1.0
@@ -179,14 +187,16 @@ def train_vae(vae: AutoencoderKL, args, rng: random.Random) -> dict:
             y, x = rng.randrange(args.size - crop + 1), rng.randrange(args.size - crop + 1)
             images.append(img[y : y + crop, x : x + crop])
         batch = to_tensor(images)
-        posterior = vae.encode(batch).latent_dist
+        with autocast(args):
+            posterior = vae.encode(batch).latent_dist
         # Decode the posterior mean: with flat-colour images, sampling noise at the start
         # of training drowns the latent and the autoencoder learns several times slower.
         # The small KL term still keeps the latent bounded, and latents are rescaled later.
-        recon = vae.decode(posterior.mode()).sample
+        with autocast(args):
+            recon = vae.decode(posterior.mode()).sample.float()
         l1 = (recon - batch).abs().mean()
         mse = F.mse_loss(recon, batch)
-        kl = posterior.kl().mean() / (4 * (crop // 8) ** 2)
+        kl = posterior.kl().float().mean() / (4 * (crop // 8) ** 2)
         loss = l1 + mse + args.vae_kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -236,15 +246,17 @@ def train_decoder(vae: AutoencoderKL, args, pairs: tuple[torch.Tensor, torch.Ten
         set_cosine_lr(opt, lr, step, steps)
         batch = to_tensor([render(random_scene(rng, position_prob=0.6), args.size, rng)
                            for _ in range(n_render)]).to(device)
+        with torch.no_grad(), autocast(args):
+            z = vae.encode(batch).latent_dist.mode().float()
         with torch.no_grad():
-            z = vae.encode(batch).latent_dist.mode()
             sigma = torch.rand((z.shape[0], 1, 1, 1), generator=gen) * args.decoder_noise * z.std().cpu()
             z = z + (sigma * torch.randn(z.shape, generator=gen)).to(device)
         if pairs is not None:
             idx = torch.randint(0, len(pairs[0]), (args.decoder_batch - n_render,), generator=gen)
             z = torch.cat([pairs[0][idx].to(device), z])
             batch = torch.cat([to_tensor(list(pairs[1][idx].numpy())).to(device), batch])
-        recon = vae.decode(z).sample
+        with autocast(args):
+            recon = vae.decode(z).sample.float()
         l1 = (recon - batch).abs().mean()
         mse = F.mse_loss(recon, batch)
         loss = l1 + mse
@@ -271,7 +283,8 @@ def encode_dataset(vae: AutoencoderKL, args, rng: random.Random) -> tuple[torch.
         n = min(32, args.dataset - start)
         batch_scenes = [random_scene(rng, position_prob=0.6) for _ in range(n)]
         images = [render(s, args.size, rng) for s in batch_scenes]
-        latents.append(vae.encode(to_tensor(images).to(device)).latent_dist.mean.cpu())
+        with autocast(args):
+            latents.append(vae.encode(to_tensor(images).to(device)).latent_dist.mean.float().cpu())
         scenes += batch_scenes
     vae.cpu()
     return torch.cat(latents), scenes
@@ -304,7 +317,8 @@ def sampler_latent_pairs(vae: AutoencoderKL, unet: UNet2DConditionModel, text_en
     def embed(prompts):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
-        return text_encoder(ids)[0]
+        with autocast(args):
+            return text_encoder(ids)[0]
 
     latents, images = [], []
     scale = vae.config.scaling_factor
@@ -313,14 +327,16 @@ def sampler_latent_pairs(vae: AutoencoderKL, unet: UNet2DConditionModel, text_en
         n = min(32, args.sampler_decoder_pairs - begin)
         scenes = [random_scene(rng, position_prob=0.6) for _ in range(n)]
         rendered = [render(scene, args.size, rng) for scene in scenes]
-        z0 = vae.encode(to_tensor(rendered).to(device)).latent_dist.mode() * scale
+        with autocast(args):
+            z0 = vae.encode(to_tensor(rendered).to(device)).latent_dist.mode().float() * scale
         timesteps = scheduler.timesteps[rng.choice(starts):]
         noise = torch.randn(z0.shape, generator=gen).to(device)
         z = scheduler.add_noise(z0, noise, timesteps[:1].repeat(n).to(device))
         text = torch.cat([embed([""] * n), embed([s.prompt for s in scenes])])
         for t in timesteps:
             tt = t.repeat(2 * n).to(device)
-            pred_u, pred_c = unet(torch.cat([z, z]), tt, encoder_hidden_states=text).sample.chunk(2)
+            with autocast(args):
+                pred_u, pred_c = unet(torch.cat([z, z]), tt, encoder_hidden_states=text).sample.float().chunk(2)
             z = scheduler.step(pred_u + args.guided_loss_scale * (pred_c - pred_u), t, z).prev_sample
         latents.append((z / scale).cpu())
         images.append(torch.from_numpy(np.stack(rendered)))
@@ -390,6 +406,116 @@ def caption(scene, rng: random.Random, drop_prob: float) -> str:
         # A positioned object is also a valid picture of the position-free prompt.
         return type(scene)(scene.color, scene.shape, scene.background, None).prompt
     return scene.prompt
+
+
+class LatentImageEncoder(torch.nn.Module):
+    """The image tower of the text encoder's contrastive pretraining: a small CNN on the
+    (scaled) VAE latents the UNet is trained on, down to 4x4, flattened so it keeps where
+    things are (pooling would throw position away), projected to the text width."""
+
+    def __init__(self, latent_channels: int, latent_size: int, width: int = 64, out_dim: int = 128):
+        super().__init__()
+        layers, channels, side = [torch.nn.Conv2d(latent_channels, width, 3, padding=1), torch.nn.SiLU()], width, latent_size
+        while side > 4:
+            nxt = min(channels * 2, 128)
+            layers += [torch.nn.Conv2d(channels, nxt, 3, stride=2, padding=1), torch.nn.SiLU()]
+            channels, side = nxt, (side + 1) // 2
+        self.features = torch.nn.Sequential(*layers)
+        self.proj = torch.nn.Linear(channels * side * side, out_dim)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.features(latents).flatten(1))
+
+
+def caption_matches(image_scenes: list, caption_scenes: list) -> torch.Tensor:
+    """[i, j] is True where caption ``j`` truly describes image ``i``: same colours and shape, and
+    either the same named position or none named (a position-free caption fits any placement)."""
+    return torch.tensor([[(c.color, c.shape, c.background) == (s.color, s.shape, s.background)
+                          and (c.position is None or c.position == s.position) for c in caption_scenes]
+                         for s in image_scenes])
+
+
+def pretrain_text_encoder(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, latents: torch.Tensor,
+                          scenes: list, args, rng: random.Random) -> dict:
+    """Contrastive (CLIP-style) pretraining of the text encoder on the demo world's captions.
+
+    Stable Diffusion conditions on a text encoder that CLIP (Radford et al. 2021, arXiv
+    2103.00020) trained to tell captions apart by the images they describe; trained only
+    through the diffusion loss, a small text encoder hardly separates words whose pictures
+    differ in a few pixels: after the shipped run, "square" and "circle" left the end token
+    within 6% of each other (docs/demo-model-experiments.md, session 7), and the UNet drew
+    a blend of both. Here the encoder's pooled (end-token) output and a small CNN over the
+    same VAE latents the UNet sees are trained with the symmetric InfoNCE loss; a caption
+    counts as positive for every image it truly describes (``caption_matches``), since this
+    world repeats captions within a batch. Held-out retrieval accuracy per attribute is
+    returned, read off the best-scoring caption among every caption of the world.
+    """
+    from tools.demo_world import COLORS, POSITIONS, SHAPES, Scene
+
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(args.seed + 5)
+    n_held = max(1, len(scenes) // 20)
+    train_idx = len(scenes) - n_held
+    x = latents * args.scaling_factor
+    image_tower = LatentImageEncoder(latents.shape[1], latents.shape[-1], out_dim=text_encoder.config.hidden_size).to(device)
+    text_proj = torch.nn.Linear(text_encoder.config.hidden_size, text_encoder.config.hidden_size).to(device)
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
+    text_encoder.to(device).train()
+    params = list(text_encoder.parameters()) + list(image_tower.parameters()) + list(text_proj.parameters()) + [log_scale]
+    opt = torch.optim.AdamW(params, lr=args.text_pretrain_lr, weight_decay=1e-4)
+
+    def embed_text(prompts):
+        # Padded to the batch's longest caption, not to 77: under the causal mask the end
+        # token's output does not depend on the padding after it, and this is 5x cheaper.
+        ids = tokenizer(prompts, padding="longest", truncation=True, return_tensors="pt").input_ids.to(device)
+        return F.normalize(text_proj(text_encoder(ids).pooler_output).float(), dim=-1)
+
+    losses = []
+    bar = tqdm(range(args.text_pretrain_steps), desc="text encoder (contrastive)", disable=args.quiet)
+    for step in bar:
+        set_cosine_lr(opt, args.text_pretrain_lr, step, args.text_pretrain_steps)
+        idx = torch.randint(0, train_idx, (args.text_pretrain_batch,), generator=gen)
+        image_scenes = [scenes[int(i)] for i in idx]
+        caption_scenes = [s if s.position is None or rng.random() >= 0.25 else Scene(s.color, s.shape, s.background, None)
+                          for s in image_scenes]
+        positive = caption_matches(image_scenes, caption_scenes).float().to(device)
+        with autocast(args):
+            img = F.normalize(image_tower(x[idx.to(device)]).float(), dim=-1)
+            txt = embed_text([c.prompt for c in caption_scenes])
+        logits = log_scale.clamp(max=math.log(100)).exp() * img @ txt.T
+        loss = 0.5 * (-(positive / positive.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+                      - (positive.T / positive.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+
+    # Held-out retrieval: each unseen image against every caption of the world.
+    text_encoder.eval()
+    every = [Scene(c, sh, b, pos) for c in COLORS for b in COLORS if b != c for sh in SHAPES
+             for pos in [None, *POSITIONS]]
+    with torch.no_grad(), autocast(args):
+        txt = torch.cat([embed_text([s.prompt for s in every[i:i + 512]]) for i in range(0, len(every), 512)])
+        img = F.normalize(image_tower(x[train_idx:].to(device)).float(), dim=-1)
+    held = scenes[train_idx:]
+    # Among the captions that name a position when the image's does, and none otherwise (a
+    # position-free caption also fits a placed image, so it would tie with the right one).
+    named = torch.tensor([s.position is not None for s in every])
+    scores = (img @ txt.float().T).cpu()
+    scores = torch.where(named[None, :] == torch.tensor([s.position is not None for s in held])[:, None],
+                         scores, torch.tensor(float("-inf")))
+    best = [every[int(j)] for j in scores.argmax(1)]
+    stats = {f"text_pretrain_heldout_{attr}": float(np.mean([getattr(b, attr) == getattr(s, attr) for b, s in zip(best, held)]))
+             for attr in ("color", "shape", "background")}
+    placed = [(b, s) for b, s in zip(best, held) if s.position is not None]
+    stats["text_pretrain_heldout_position"] = float(np.mean([b.position == s.position for b, s in placed])) if placed else float("nan")
+    stats["text_pretrain_loss_last50"] = float(np.mean(losses[-50:])) if losses else float("nan")
+    log.info("text encoder pretraining, held-out retrieval: %s", stats)
+    text_encoder.cpu()
+    return stats
 
 
 def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
@@ -507,23 +633,32 @@ def sample_timesteps(n: int, num_train_timesteps: int, high_frac: float, generat
     return torch.where(high, t_high, t)
 
 
-def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: random.Random) -> dict:
+def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: random.Random,
+                    snapshot=None) -> dict:
+    """Stage 2: the UNet (and, unless ``--freeze-text-encoder``, the text encoder) on the encoded
+    dataset. ``snapshot(step, unet, text_encoder)``, when given, is called with the EMA weights
+    every ``--checkpoint-every`` steps, so a long run can be evaluated on the way."""
     scheduler = DDPMScheduler.from_config(args.scheduler_config)
     device = torch.device(args.device)
     unet.to(device)
     text_encoder.to(device)
     latents = latents.to(device)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    train_text = not args.freeze_text_encoder
+    text_encoder.requires_grad_(train_text)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     for p in list(ema_unet.parameters()) + list(ema_text.parameters()):
         p.requires_grad_(False)
+    ema_pairs = ((ema_unet, unet), (ema_text, text_encoder)) if train_text else ((ema_unet, unet),)
     unet.train()
-    text_encoder.train()
+    text_encoder.train(train_text)
+    guided_from = int(args.guided_loss_from * args.unet_steps)
     gen = torch.Generator().manual_seed(args.seed)
     warmup = max(1, min(200, args.unet_steps // 10))
     losses: list[torch.Tensor] = []
     guided_losses: list[torch.Tensor] = []
+    guided_steps = 0
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                           return_tensors="pt").input_ids.to(device)
     bar = tqdm(range(args.unet_steps), desc="unet+text", disable=args.quiet)
@@ -553,30 +688,33 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
                 noisy, target = noisy.clone(), target.clone()
                 t_before = t[own] + args.self_input_gap
                 before = scheduler.add_noise(x0[own], noise[own], t_before)
-                with torch.no_grad():
+                with torch.no_grad(), autocast(args):
                     own_ids = ids[own.cpu()]
                     emb = text_encoder(torch.cat([own_ids, empty_ids.expand(len(own_ids), -1)]))[0]
                     both = unet(torch.cat([before, before]), torch.cat([t_before, t_before]),
                                 encoder_hidden_states=emb).sample
                     pred_c, pred_u = both.chunk(2)
-                    guided_pred = pred_u + args.guided_loss_scale * (pred_c - pred_u)
+                    guided_pred = (pred_u + args.guided_loss_scale * (pred_c - pred_u)).float()
                 noisy[own], target[own] = self_generated_input(scheduler, x0[own], before, guided_pred,
                                                                t_before, t[own])
         # Samples at low noise with a real caption also go through the unconditional branch,
         # in the same UNet call, for the guided-consistency term (--guided-loss).
         guided = torch.zeros(args.batch, dtype=torch.bool)
-        if args.guided_loss > 0:
+        if args.guided_loss > 0 and step >= guided_from:
+            guided_steps += 1
             guided = (t.cpu() < args.guided_loss_max_t) & torch.tensor([bool(p) for p in prompts])
         n_guided = int(guided.sum())
         if n_guided:
             ids = torch.cat([ids, empty_ids.expand(n_guided, -1)])
-        cond = text_encoder(ids)[0]
+        with autocast(args), torch.set_grad_enabled(train_text):
+            cond = text_encoder(ids)[0]
         if n_guided:
             sel = guided.to(device)
             noisy, t_in = torch.cat([noisy, noisy[sel]]), torch.cat([t, t[sel]])
         else:
             t_in = t
-        pred = unet(noisy, t_in, encoder_hidden_states=cond).sample
+        with autocast(args):
+            pred = unet(noisy, t_in, encoder_hidden_states=cond).sample.float()
         pred, pred_uncond = pred[: args.batch], pred[args.batch:]
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights).mean()
@@ -591,11 +729,14 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
         opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema_m, m in ((ema_unet, unet), (ema_text, text_encoder)):
+            for ema_m, m in ema_pairs:
                 torch._foreach_lerp_(list(ema_m.parameters()), list(m.parameters()), 1 - decay)
         losses.append(loss.detach())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{float(torch.stack(losses[-100:]).mean()):.4f}")
+        if snapshot is not None and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 \
+                and step + 1 < args.unet_steps:
+            snapshot(step + 1, ema_unet, ema_text)
     unet.load_state_dict(ema_unet.state_dict())
     text_encoder.load_state_dict(ema_text.state_dict())
     unet.cpu()
@@ -603,6 +744,8 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
     stats = {"diffusion_loss_last100": float(torch.stack(losses[-100:]).mean())}
     if guided_losses:
         stats["guided_loss_last100"] = float(torch.stack(guided_losses[-100:]).mean())
+    if args.guided_loss > 0:
+        stats["guided_loss_steps"] = guided_steps
     return stats
 
 
@@ -733,6 +876,9 @@ def parse_args(argv=None):
     p.add_argument("--guided-loss", type=float, default=0.0,
                    help="weight of the guided-consistency term: at timesteps below --guided-loss-max-t the "
                    "classifier-free-guided prediction is also trained towards the target (0: off)")
+    p.add_argument("--guided-loss-from", type=float, default=0.0,
+                   help="the guided-consistency term starts at this fraction of the UNet steps (it costs an extra "
+                   "UNet pass for its samples; it polishes what the plain loss has learned)")
     p.add_argument("--guided-loss-scale", type=float, default=7.5,
                    help="guidance scale of that term (the studio's and the evaluation's default)")
     p.add_argument("--guided-loss-max-t", type=int, default=500,
@@ -766,6 +912,17 @@ def parse_args(argv=None):
     p.add_argument("--downsample-padding", type=int, choices=(0, 1), default=1,
                    help="1: SD's symmetric padding in the UNet's downsamplers; 0: pad only the right and "
                    "bottom edges (the original LDM code), which tells left from right and top from bottom")
+    p.add_argument("--text-pretrain-steps", type=int, default=0,
+                   help="contrastive (CLIP-style) pretraining of the text encoder against the training latents "
+                   "before stage 2 (0: off, the text encoder starts random)")
+    p.add_argument("--text-pretrain-batch", type=int, default=256)
+    p.add_argument("--text-pretrain-lr", type=float, default=1e-3)
+    p.add_argument("--freeze-text-encoder", action="store_true",
+                   help="keep the text encoder fixed in stage 2, as Stable Diffusion keeps CLIP's")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast for every stage's forward passes (float32 weights and losses)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also save the EMA weights every N UNet steps to OUT/checkpoints/step-N (0: off)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine, 2 threads stall on each other)")
     p.add_argument("--device", default="cpu", help="torch device for stage 2 and the dataset encoding "
@@ -801,6 +958,14 @@ def parse_args(argv=None):
     if not 49 <= args.sampler_decoder_max_t <= 1000:
         p.error(f"--sampler-decoder-max-t must be between 49 (the 20-step schedule's last step) and 1000, "
                 f"got {args.sampler_decoder_max_t}")
+    if not 0 <= args.guided_loss_from < 1:
+        p.error(f"--guided-loss-from must be a fraction of the UNet steps in [0, 1), got {args.guided_loss_from}")
+    for name in ("text_pretrain_steps", "checkpoint_every"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.text_pretrain_batch < 2:
+        p.error(f"--text-pretrain-batch must be at least 2 (the loss contrasts captions within a batch), "
+                f"got {args.text_pretrain_batch}")
     if not 1 <= args.guided_loss_max_t <= 1000:
         p.error(f"--guided-loss-max-t must be between 1 and 1000 (training timesteps), got {args.guided_loss_max_t}")
     try:
@@ -818,7 +983,23 @@ def parse_args(argv=None):
         args.dataset, args.unet_steps, args.batch = 16, min(args.unet_steps, 3), 4
         args.decoder_steps, args.decoder_batch = min(args.decoder_steps, 2), 2
         args.sampler_decoder_steps, args.sampler_decoder_pairs = min(args.sampler_decoder_steps, 2), 4
+        args.text_pretrain_steps, args.text_pretrain_batch = min(args.text_pretrain_steps, 2), 8
     return args
+
+
+def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, args) -> None:
+    """Write the components as a diffusers Stable Diffusion folder (safetensors, no safety checker)."""
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=DDIMScheduler.from_config(args.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
 
 
 def main(argv=None) -> Path:
@@ -877,7 +1058,14 @@ def main(argv=None) -> Path:
         # As in SD: scale latents to unit variance so the noise schedule fits them.
         args.scaling_factor = float(1.0 / latents.std())
         vae.register_to_config(scaling_factor=args.scaling_factor)
-        stats.update(train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng))
+        if args.text_pretrain_steps:
+            stats.update(pretrain_text_encoder(text_encoder, tokenizer, latents, scenes, args, rng))
+
+        def snapshot(step, unet_now, text_now):
+            save_pipeline(out / "checkpoints" / f"step-{step}", vae, text_now, tokenizer, unet_now, args)
+            log.info("step %d: EMA weights saved to %s", step, out / "checkpoints" / f"step-{step}")
+
+        stats.update(train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng, snapshot))
     else:  # stage 3 alone on an earlier run: keep the latent scale its UNet was trained with
         args.scaling_factor = float(vae.config.scaling_factor)
     stats["vae_scaling_factor"] = args.scaling_factor
@@ -888,17 +1076,7 @@ def main(argv=None) -> Path:
         stats["vae_heldout_l1_uint8_after_sampler_decoder"] = heldout_reconstruction_error(vae, args)
     stats["train_minutes"] = (time.perf_counter() - start) / 60
 
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=DDIMScheduler.from_config(args.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
+    save_pipeline(out, vae, text_encoder, tokenizer, unet, args)
     if stage1.exists():
         import shutil
 
