@@ -621,7 +621,10 @@ def test_pretrained_text_encoder_stays_frozen_and_bf16_runs_save_float32(tmp_pat
     for bad, message in ((["--guided-loss-from", "1"], "--guided-loss-from must be a fraction of the UNet steps in [0, 1), got 1.0"),
                          (["--text-pretrain-steps", "-1"], "--text-pretrain-steps must be 0 or more, got -1"),
                          (["--checkpoint-every", "-5"], "--checkpoint-every must be 0 or more, got -5"),
-                         (["--text-pretrain-batch", "1"], "--text-pretrain-batch must be at least 2")):
+                         (["--text-pretrain-batch", "1"], "--text-pretrain-batch must be at least 2"),
+                         (["--lowres-steps", "10", "--lowres-size", "96"],
+                          "--lowres-size must be a multiple of 64 below --size 256, got 96"),
+                         (["--lowres-steps", "-1"], "--lowres-steps must be 0 or more, got -1")):
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert message in capsys.readouterr().err
@@ -639,3 +642,28 @@ def test_guided_loss_from_starts_the_term_partway_through_stage_2(tmp_path):
         out = train([*args, "--guided-loss-from", start, "--out", str(tmp_path / start)])
         counts[start] = json.loads((out / "training.json").read_text())["stats"]["guided_loss_steps"]
     assert counts == {"0": 3, "0.5": 2}  # the smoke run's 3 UNet steps; from 0.5: steps 1 and 2
+
+
+def test_lowres_stage_trains_the_unet_on_smaller_images_first(tmp_path):
+    """--lowres-steps: stage 2a encodes its own smaller images and trains the same UNet on them
+    before the native-size stage; the result differs from the run without it and loads."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tools.train_demo_model import main as train
+
+    args = ["--smoke", "--quiet", "--bf16", "--prediction-type", "v_prediction", "--zero-terminal-snr"]
+    plain = train([*args, "--out", str(tmp_path / "plain")])
+    staged = train([*args, "--lowres-steps", "2", "--dataset-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "staged")])
+    stats = json.loads((staged / "training.json").read_text())["stats"]
+    assert stats["lowres_diffusion_loss_last100"] > 0 and "lowres_diffusion_loss_last100" not in json.loads(
+        (plain / "training.json").read_text())["stats"]
+    # Two encoded sets in the cache: the native-size one and stage 2a's (another image size).
+    sizes = sorted(torch.load(f, weights_only=False)["latents"].shape[-1] for f in (tmp_path / "cache").glob("latents-*.pt"))
+    assert sizes == [4, 8]  # smoke: 32 px and 64 px images, f=8
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(plain / name), load_file(staged / name)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    manager = PipelineManager(AppConfig(model=str(staged), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
+    assert manager.native_size == 64

@@ -749,6 +749,25 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
     return stats
 
 
+def train_lowres_first(unet, text_encoder, tokenizer, vae: AutoencoderKL, args, rng: random.Random) -> dict:
+    """Stage 2a: the same UNet first trained on images drawn at ``--lowres-size`` (``--lowres-steps``
+    of ``--lowres-batch``), then stage 2 goes on at the native size from its EMA weights.
+
+    Stable Diffusion itself was trained at 256 px before 512 px. In this world a scene is defined
+    in fractions of the image, so a 128 px image is the same scene at half the scale, and its
+    16x16 latents cost the UNet about a third as much per image as 32x32 ones (the UNet is fully
+    convolutional; its attention sees fewer tokens). Where the object goes, what each word means
+    and what outline each shape has are learnt there cheaply; the native-size stage then learns
+    the detail. The latents keep the native-size scaling factor (same encoder, same statistics).
+    No guided-consistency term and no checkpoints in this stage."""
+    low = copy.copy(args)
+    low.size, low.dataset, low.batch, low.unet_steps = args.lowres_size, args.lowres_dataset, args.lowres_batch, args.lowres_steps
+    low.guided_loss, low.self_input_frac, low.checkpoint_every = 0.0, 0.0, 0
+    latents, scenes = load_or_encode_dataset(vae, low, rng)
+    stats = train_diffusion(unet, text_encoder, tokenizer, latents, scenes, low, rng)
+    return {f"lowres_{k}": v for k, v in stats.items()}
+
+
 def write_model_card(out: Path, args, stats: dict, counts: dict) -> None:
     size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
     metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in stats.items())
@@ -912,6 +931,11 @@ def parse_args(argv=None):
     p.add_argument("--downsample-padding", type=int, choices=(0, 1), default=1,
                    help="1: SD's symmetric padding in the UNet's downsamplers; 0: pad only the right and "
                    "bottom edges (the original LDM code), which tells left from right and top from bottom")
+    p.add_argument("--lowres-steps", type=int, default=0,
+                   help="stage 2a: train the UNet this many steps on --lowres-size images first (0: off)")
+    p.add_argument("--lowres-size", type=int, default=128, help="image size of stage 2a, a multiple of 64")
+    p.add_argument("--lowres-batch", type=int, default=48)
+    p.add_argument("--lowres-dataset", type=int, default=12000, help="number of rendered images for stage 2a")
     p.add_argument("--text-pretrain-steps", type=int, default=0,
                    help="contrastive (CLIP-style) pretraining of the text encoder against the training latents "
                    "before stage 2 (0: off, the text encoder starts random)")
@@ -960,7 +984,9 @@ def parse_args(argv=None):
                 f"got {args.sampler_decoder_max_t}")
     if not 0 <= args.guided_loss_from < 1:
         p.error(f"--guided-loss-from must be a fraction of the UNet steps in [0, 1), got {args.guided_loss_from}")
-    for name in ("text_pretrain_steps", "checkpoint_every"):
+    if args.lowres_steps and (args.lowres_size < 64 or args.lowres_size % 64 or args.lowres_size >= args.size):
+        p.error(f"--lowres-size must be a multiple of 64 below --size {args.size}, got {args.lowres_size}")
+    for name in ("text_pretrain_steps", "checkpoint_every", "lowres_steps"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if args.text_pretrain_batch < 2:
@@ -984,6 +1010,7 @@ def parse_args(argv=None):
         args.decoder_steps, args.decoder_batch = min(args.decoder_steps, 2), 2
         args.sampler_decoder_steps, args.sampler_decoder_pairs = min(args.sampler_decoder_steps, 2), 4
         args.text_pretrain_steps, args.text_pretrain_batch = min(args.text_pretrain_steps, 2), 8
+        args.lowres_steps, args.lowres_size, args.lowres_batch, args.lowres_dataset = min(args.lowres_steps, 2), 32, 4, 8
     return args
 
 
@@ -1065,6 +1092,8 @@ def main(argv=None) -> Path:
             save_pipeline(out / "checkpoints" / f"step-{step}", vae, text_now, tokenizer, unet_now, args)
             log.info("step %d: EMA weights saved to %s", step, out / "checkpoints" / f"step-{step}")
 
+        if args.lowres_steps:
+            stats.update(train_lowres_first(unet, text_encoder, tokenizer, vae, args, rng))
         stats.update(train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng, snapshot))
     else:  # stage 3 alone on an earlier run: keep the latent scale its UNet was trained with
         args.scaling_factor = float(vae.config.scaling_factor)
