@@ -31,7 +31,10 @@ def test_smoke_training_writes_a_model_the_studio_loads(tmp_path):
     from tools.train_demo_model import main as train
 
     out = train(["--smoke", "--quiet", "--out", str(tmp_path / "demo")])
-    assert (out / "README.md").read_text().count("parameters") >= 1
+    card = (out / "README.md").read_text()
+    assert card.count("parameters") >= 1
+    # The card gives the training command exactly as it was run.
+    assert f"    python tools/train_demo_model.py --smoke --quiet --out {tmp_path / 'demo'}\n" in card
     assert not (out / "vae-stage1").exists()
     manager = PipelineManager(AppConfig(model=str(out), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
     assert manager.info.source.kind == "folder" and manager.native_size == 64
@@ -667,3 +670,33 @@ def test_lowres_stage_trains_the_unet_on_smaller_images_first(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
     manager = PipelineManager(AppConfig(model=str(staged), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
     assert manager.native_size == 64
+
+
+def test_edge_weights_favour_the_outline_and_change_what_is_learnt(tmp_path, capsys):
+    """--edge-weight: the loss weight peaks on the clean latent's outline (corners included),
+    keeps a mean of 1 per sample, is uniform on a flat latent, changes a smoke run's weights,
+    and a negative value is refused by name."""
+    from safetensors.torch import load_file
+
+    from tools.train_demo_model import edge_weights, main as train, parse_args
+
+    x0 = torch.zeros(2, 4, 16, 16)
+    x0[0, :, 4:10, 4:10] = 1.0  # a square; the second sample stays flat
+    w = edge_weights(x0, 4.0)
+    assert w.shape == (2, 1, 16, 16)
+    assert torch.allclose(w.mean(dim=(2, 3)), torch.ones(2, 1))
+    assert torch.equal(w[1], torch.ones(1, 16, 16))
+    square = w[0, 0]
+    assert square[4, 4] > 3 * square[0, 0]  # a corner against the far background
+    assert square[4, 4] > 3 * square[7, 7]  # and against the object's flat middle
+    assert torch.equal(edge_weights(x0, 0.0), torch.ones(2, 1, 16, 16))
+
+    args = ["--smoke", "--quiet", "--prediction-type", "v_prediction", "--zero-terminal-snr"]
+    plain = train([*args, "--out", str(tmp_path / "plain")])
+    edged = train([*args, "--edge-weight", "4", "--out", str(tmp_path / "edged")])
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(plain / name), load_file(edged / name)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit):
+        parse_args(["--edge-weight", "-1"])
+    assert "--edge-weight must be a number >= 0, got -1.0" in capsys.readouterr().err
