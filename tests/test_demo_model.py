@@ -472,22 +472,32 @@ def test_self_generated_input_of_a_perfect_model_is_the_plain_training_pair(pred
     assert torch.allclose(x0_back, x0, atol=1e-9)
 
 
-def test_growing_first_level_attention_keeps_the_function_and_then_trains(tmp_path, capsys):
-    """--first-level-attention on --init-from a model without it: the grown UNet computes exactly
-    what the old one did, the new attention is live (a nonzero output projection changes the
-    output), and growing is the only architecture change --init-from accepts."""
-    from tools.train_demo_model import build_unet, grow_first_level_attention, main as train
+def grown_and_inputs(grow):
+    """A small UNet, the same UNet grown by ``grow`` (checked to compute exactly the same
+    output), and the inputs and output of that check."""
+    from tools.train_demo_model import build_unet
 
     torch.manual_seed(0)
     unet = build_unet(64, 3, 0).eval()
-    grown = grow_first_level_attention(unet).eval()
-    assert grown.config.up_block_types[-1] == "CrossAttnUpBlock2D" and len(grown.up_blocks[-1].attentions) == 2
+    grown = grow(unet).eval()
     gen = torch.Generator().manual_seed(1)
     x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 128, generator=gen)
     t = torch.tensor([10, 700])
     with torch.no_grad():
         before = unet(x, t, encoder_hidden_states=text).sample
         assert torch.equal(grown(x, t, encoder_hidden_states=text).sample, before)
+    return unet, grown, (x, t, text), before
+
+
+def test_growing_first_level_attention_keeps_the_function_and_then_trains(tmp_path, capsys):
+    """--first-level-attention on --init-from a model without it: the grown UNet computes exactly
+    what the old one did, the new attention is live (a nonzero output projection changes the
+    output), and growing is the only architecture change --init-from accepts."""
+    from tools.train_demo_model import grow_first_level_attention, main as train
+
+    unet, grown, (x, t, text), before = grown_and_inputs(grow_first_level_attention)
+    assert grown.config.up_block_types[-1] == "CrossAttnUpBlock2D" and len(grown.up_blocks[-1].attentions) == 2
+    with torch.no_grad():
         torch.nn.init.normal_(grown.up_blocks[-1].attentions[0].proj_out.weight, std=0.1)
         assert not torch.allclose(grown(x, t, encoder_hidden_states=text).sample, before)
 
@@ -501,6 +511,32 @@ def test_growing_first_level_attention_keeps_the_function_and_then_trains(tmp_pa
     # Taking attention away again is refused, by name.
     with pytest.raises(SystemExit, match="only adding --first-level-attention to a run without it is supported"):
         train([*vpred, "--init-from", str(second), "--out", str(tmp_path / "c")])
+
+
+def test_text_time_embedding_conditions_every_block_and_loads_through_the_sd_path(tmp_path, capsys):
+    """--text-time-embedding: grown onto a UNet without it, the UNet computes exactly what it did
+    (the new embedding starts as zero); once its output is nonzero the prompt changes the
+    timestep embedding; a run trained with it from scratch loads and samples through the
+    Stable Diffusion code path, and continuing it without the flag is refused by name."""
+    from tools.train_demo_model import grow_text_time_embedding, main as train
+
+    unet, grown, (x, t, text), before = grown_and_inputs(grow_text_time_embedding)
+    assert grown.config.addition_embed_type == "text" and unet.config.addition_embed_type is None
+    with torch.no_grad():
+        torch.nn.init.ones_(grown.add_embedding.norm2.weight)
+        pooled = grown.add_embedding(text)
+        assert not torch.allclose(pooled[0], pooled[1])  # two prompts, two different embeddings
+        assert not torch.allclose(grown(x, t, encoder_hidden_states=text).sample, before)
+
+    vpred = ["--smoke", "--quiet", "--prediction-type", "v_prediction", "--zero-terminal-snr"]
+    first = train([*vpred, "--text-time-embedding", "--out", str(tmp_path / "a")])
+    manager = PipelineManager(AppConfig(model=str(first), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
+    assert manager.pipe.unet.config.addition_embed_type == "text"
+    assert float(manager.pipe.unet.add_embedding.norm2.weight.abs().sum()) > 0
+    image = manager.txt2img(Txt2ImgRequest(prompt="a red square on a blue background", steps=2, seed=1)).images[0]
+    assert np.asarray(image).shape == (64, 64, 3)
+    with pytest.raises(SystemExit, match="pass --text-time-embedding"):
+        train([*vpred, "--init-from", str(first), "--out", str(tmp_path / "b")])
 
 
 def test_sampler_decoder_stage_alone_changes_only_the_decoder(tmp_path, capsys):

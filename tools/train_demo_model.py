@@ -132,11 +132,24 @@ def unet_block_types(levels: int = 3, first_level_attention: bool = False) -> tu
     return down, up
 
 
+TEXT_TIME_HEADS = 4
+
+
+def text_time_config(enabled: bool) -> dict:
+    """UNet config keys for ``--text-time-embedding``: diffusers' ``addition_embed_type="text"``
+    pools the prompt's hidden states (attention pooling) into a vector added to the timestep
+    embedding, so every ResNet block, the full-resolution ones without cross-attention included,
+    is conditioned on the prompt. The standard Stable Diffusion pipeline drives it unchanged
+    (the UNet computes it from ``encoder_hidden_states``)."""
+    return {"addition_embed_type": "text", "addition_embed_type_num_heads": TEXT_TIME_HEADS} if enabled else {}
+
+
 def build_unet(size: int, levels: int = 3, downsample_padding: int = 1, first_channels: int = 32,
-               first_level_attention: bool = False) -> UNet2DConditionModel:
+               first_level_attention: bool = False, text_time_embedding: bool = False) -> UNet2DConditionModel:
     channels = unet_channels(levels, first_channels)
     down, up = unet_block_types(levels, first_level_attention)
     return UNet2DConditionModel(
+        **text_time_config(text_time_embedding),
         sample_size=size // 8,
         in_channels=4,
         out_channels=4,
@@ -853,6 +866,22 @@ def grow_first_level_attention(unet: UNet2DConditionModel) -> UNet2DConditionMod
     return grown
 
 
+def grow_text_time_embedding(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """The same UNet with a text-time embedding (``--text-time-embedding``) added, computing
+    exactly the same function: every weight is copied and the new embedding's final layer norm
+    starts at zero gain and bias, so it adds nothing to the timestep embedding until trained."""
+    config = {key: value for key, value in unet.config.items() if key != "_use_default_values"}
+    # (diffusers drops the keys listed in _use_default_values, these two among them, from a config)
+    grown = UNet2DConditionModel.from_config(dict(config, **text_time_config(True)))
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("add_embedding.") for key in missing):
+        raise ValueError(f"cannot add a text-time embedding to this UNet: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    torch.nn.init.zeros_(grown.add_embedding.norm2.weight)
+    torch.nn.init.zeros_(grown.add_embedding.norm2.bias)
+    return grown
+
+
 def load_stage2(folder: Path, args) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """UNet and text encoder of an earlier run, to train further (``--init-from``)."""
     config_file = folder / "scheduler" / "scheduler_config.json"
@@ -876,6 +905,13 @@ def load_stage2(folder: Path, args) -> tuple[UNet2DConditionModel, CLIPTextModel
                              f"for {list(want_up)}; only adding --first-level-attention to a run without it is supported")
         unet = grow_first_level_attention(unet)
         log.info("--init-from: added attention to the UNet's full-resolution up level (starts as the identity)")
+    has_text_time = unet.config.addition_embed_type == "text"
+    if has_text_time != bool(args.text_time_embedding):
+        if has_text_time:
+            raise SystemExit(f"--init-from: {folder} has a text-time embedding and this run does not ask for one; "
+                             "pass --text-time-embedding (only adding it to a run without it is supported)")
+        unet = grow_text_time_embedding(unet)
+        log.info("--init-from: added a text-time embedding to the UNet (starts as the identity)")
     if unet.config.downsample_padding != args.downsample_padding:
         # Same weights, other border handling in the downsamplers: continue with the padding
         # this run asks for (the UNet then learns to use the new left/right cue).
@@ -956,6 +992,10 @@ def parse_args(argv=None):
     p.add_argument("--first-level-attention", action="store_true",
                    help="self- and cross-attention at the up path's full-resolution level (about 2x the "
                    "UNet's cost); with --init-from a model without it, the attention is added as the identity")
+    p.add_argument("--text-time-embedding", action="store_true",
+                   help="add the pooled prompt to the timestep embedding (diffusers' addition_embed_type='text'), "
+                   "so the full-resolution ResNet blocks that draw the outline see the prompt too; with "
+                   "--init-from a model without it, it is added as the identity")
     p.add_argument("--downsample-padding", type=int, choices=(0, 1), default=1,
                    help="1: SD's symmetric padding in the UNet's downsamplers; 0: pad only the right and "
                    "bottom edges (the original LDM code), which tells left from right and top from bottom")
@@ -1079,7 +1119,7 @@ def main(argv=None) -> Path:
     vae = build_vae(args.size)
     text_encoder = build_text_encoder(len(vocab), tokenizer.bos_token_id, tokenizer.eos_token_id)
     unet = build_unet(args.size, args.unet_levels, args.downsample_padding, args.unet_first_channels,
-                      args.first_level_attention)
+                      args.first_level_attention, args.text_time_embedding)
     parent_record = None
     if args.init_from:
         unet, text_encoder = load_stage2(Path(args.init_from), args)
