@@ -51,6 +51,15 @@ def test_training_continues_from_an_earlier_run_and_refuses_a_mismatched_one(tmp
     vpred = ["--prediction-type", "v_prediction", "--zero-terminal-snr"]
     first = train(["--smoke", "--quiet", *vpred, "--out", str(tmp_path / "a")])
     second = train(["--smoke", "--quiet", *vpred, "--seed", "1", "--init-from", str(first), "--out", str(tmp_path / "b")])
+    # The continuation trains on latents at the scale its UNet learnt, the parent's, not one
+    # re-estimated on its own (other) data.
+    import json
+
+    def latent_scale(folder):
+        return json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
+
+    assert latent_scale(second) == latent_scale(first)
+    assert json.loads((second / "training.json").read_text())["stats"]["vae_scaling_factor"] == latent_scale(first)
     # The continued v-prediction model loads through the normal loader with its schedule.
     manager = PipelineManager(AppConfig(model=str(second), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
     config = manager.pipe.scheduler.config

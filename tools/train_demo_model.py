@@ -1154,8 +1154,14 @@ def main(argv=None) -> Path:
     stats["vae_heldout_l1_uint8"] = heldout_reconstruction_error(vae, args)
     if args.unet_steps:
         latents, scenes = load_or_encode_dataset(vae, args, rng)
-        # As in SD: scale latents to unit variance so the noise schedule fits them.
-        args.scaling_factor = float(1.0 / latents.std())
+        if args.init_from:
+            # A continuation keeps the latent scale its UNet was trained with (the parent's),
+            # rather than one re-estimated on this run's data.
+            args.scaling_factor = float(json.loads(
+                (Path(args.init_from) / "vae" / "config.json").read_text())["scaling_factor"])
+        else:
+            # As in SD: scale latents to unit variance so the noise schedule fits them.
+            args.scaling_factor = float(1.0 / latents.std())
         vae.register_to_config(scaling_factor=args.scaling_factor)
         if args.text_pretrain_steps:
             stats.update(pretrain_text_encoder(text_encoder, tokenizer, latents, scenes, args, rng))
