@@ -850,16 +850,26 @@ Prompt adherence is measured by `python tools/eval_demo_model.py` (see the proje
     (out / "README.md").write_text(card, encoding="utf-8")
 
 
+def unet_with_config(unet: UNet2DConditionModel, new_prefix: str = "", **changes) -> UNet2DConditionModel:
+    """A UNet built from ``unet``'s config with ``changes`` and carrying all of its weights; the
+    only weights it may lack are new ones under ``new_prefix``, left as initialised (an empty
+    prefix: none may be new). diffusers drops the keys listed in ``_use_default_values`` from a
+    config it builds from, so that list goes, or a changed default would silently not apply."""
+    config = {key: value for key, value in unet.config.items() if key != "_use_default_values"}
+    grown = UNet2DConditionModel.from_config(dict(config, **changes))
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not new_prefix or not key.startswith(new_prefix) for key in missing):
+        raise ValueError(f"cannot change this UNet's {sorted(changes)}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return grown
+
+
 def grow_first_level_attention(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     """The same UNet with attention added at its full-resolution up level, computing exactly the
     same function: every weight is copied, and each new transformer's output projection starts
     at zero, so its residual branch adds nothing until training moves it."""
-    down, up = tuple(unet.config.down_block_types), tuple(unet.config.up_block_types)
-    grown = UNet2DConditionModel.from_config(dict(unet.config, up_block_types=up[:-1] + ("CrossAttnUpBlock2D",)))
-    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
-    prefix = f"up_blocks.{len(up) - 1}.attentions."
-    if unexpected or any(not key.startswith(prefix) for key in missing):
-        raise ValueError(f"cannot grow attention into this UNet: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    up = tuple(unet.config.up_block_types)
+    grown = unet_with_config(unet, f"up_blocks.{len(up) - 1}.attentions.",
+                             up_block_types=up[:-1] + ("CrossAttnUpBlock2D",))
     for attention in grown.up_blocks[-1].attentions:
         torch.nn.init.zeros_(attention.proj_out.weight)
         torch.nn.init.zeros_(attention.proj_out.bias)
@@ -870,13 +880,7 @@ def grow_text_time_embedding(unet: UNet2DConditionModel) -> UNet2DConditionModel
     """The same UNet with a text-time embedding (``--text-time-embedding``) added, computing
     exactly the same function: every weight is copied and the new embedding's final layer norm
     starts at zero gain and bias, so it adds nothing to the timestep embedding until trained."""
-    config = {key: value for key, value in unet.config.items() if key != "_use_default_values"}
-    # (diffusers drops the keys listed in _use_default_values, these two among them, from a config)
-    grown = UNet2DConditionModel.from_config(dict(config, **text_time_config(True)))
-    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
-    if unexpected or any(not key.startswith("add_embedding.") for key in missing):
-        raise ValueError(f"cannot add a text-time embedding to this UNet: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+    grown = unet_with_config(unet, "add_embedding.", **text_time_config(True))
     torch.nn.init.zeros_(grown.add_embedding.norm2.weight)
     torch.nn.init.zeros_(grown.add_embedding.norm2.bias)
     return grown
@@ -917,9 +921,7 @@ def load_stage2(folder: Path, args) -> tuple[UNet2DConditionModel, CLIPTextModel
         # this run asks for (the UNet then learns to use the new left/right cue).
         log.info("--init-from: switching the UNet's downsample padding from %s to %s",
                  unet.config.downsample_padding, args.downsample_padding)
-        state = unet.state_dict()
-        unet = UNet2DConditionModel.from_config(dict(unet.config, downsample_padding=args.downsample_padding))
-        unet.load_state_dict(state)
+        unet = unet_with_config(unet, downsample_padding=args.downsample_padding)
     return unet, own_weights(CLIPTextModel.from_pretrained(folder / "text_encoder"))
 
 
@@ -1152,17 +1154,15 @@ def main(argv=None) -> Path:
     for p in vae.parameters():
         p.requires_grad_(False)
     stats["vae_heldout_l1_uint8"] = heldout_reconstruction_error(vae, args)
+    # A UNet that has already learnt a latent scale (--init-from: a continuation, or stage 3
+    # alone) keeps the one saved with the VAE it goes on from (--vae-from, by default the
+    # parent's); a new one gets SD's, the scale that gives its latents unit variance.
+    args.scaling_factor = float(vae.config.scaling_factor)
     if args.unet_steps:
         latents, scenes = load_or_encode_dataset(vae, args, rng)
-        if args.init_from:
-            # A continuation keeps the latent scale its UNet was trained with (the parent's),
-            # rather than one re-estimated on this run's data.
-            args.scaling_factor = float(json.loads(
-                (Path(args.init_from) / "vae" / "config.json").read_text())["scaling_factor"])
-        else:
-            # As in SD: scale latents to unit variance so the noise schedule fits them.
+        if not args.init_from:
             args.scaling_factor = float(1.0 / latents.std())
-        vae.register_to_config(scaling_factor=args.scaling_factor)
+            vae.register_to_config(scaling_factor=args.scaling_factor)
         if args.text_pretrain_steps:
             stats.update(pretrain_text_encoder(text_encoder, tokenizer, latents, scenes, args, rng))
 
@@ -1173,8 +1173,6 @@ def main(argv=None) -> Path:
         if args.lowres_steps:
             stats.update(train_lowres_first(unet, text_encoder, tokenizer, vae, args, rng))
         stats.update(train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng, snapshot))
-    else:  # stage 3 alone on an earlier run: keep the latent scale its UNet was trained with
-        args.scaling_factor = float(vae.config.scaling_factor)
     stats["vae_scaling_factor"] = args.scaling_factor
     if args.sampler_decoder_steps:
         pairs = sampler_latent_pairs(vae, unet, text_encoder, tokenizer, args)
