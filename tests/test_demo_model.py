@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -53,8 +54,6 @@ def test_training_continues_from_an_earlier_run_and_refuses_a_mismatched_one(tmp
     second = train(["--smoke", "--quiet", *vpred, "--seed", "1", "--init-from", str(first), "--out", str(tmp_path / "b")])
     # The continuation trains on latents at the scale its UNet learnt, the parent's, not one
     # re-estimated on its own (other) data.
-    import json
-
     def latent_scale(folder):
         return json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
 
