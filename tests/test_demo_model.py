@@ -744,3 +744,39 @@ def test_edge_weights_favour_the_outline_and_change_what_is_learnt(tmp_path, cap
     with pytest.raises(SystemExit):
         parse_args(["--edge-weight", "-1"])
     assert "--edge-weight must be a number >= 0, got -1.0" in capsys.readouterr().err
+
+
+def test_second_cycle_starts_from_stage_two_and_trains_on_fresh_scenes(tmp_path, capsys):
+    """--second-cycle-steps (stage 2b) goes on from exactly the weights stage 2 ends on, on
+    scenes stage 2 never saw, and moves the weights; stage 2's end is kept as a checkpoint;
+    bad values are refused by name."""
+    from safetensors.torch import load_file
+
+    from tools.train_demo_model import main as train, parse_args
+
+    args = ["--smoke", "--quiet", "--prediction-type", "v_prediction", "--zero-terminal-snr"]
+    plain = train([*args, "--out", str(tmp_path / "plain")])
+    cycled = train([*args, "--second-cycle-steps", "2", "--checkpoint-every", "2",
+                    "--dataset-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "cycled")])
+    name = "unet/diffusion_pytorch_model.safetensors"
+    stage2_end = load_file(cycled / "checkpoints" / "step-3" / name)  # --smoke runs stage 2 for 3 steps
+    without, final = load_file(plain / name), load_file(cycled / name)
+    assert all(torch.equal(stage2_end[k], without[k]) for k in without)
+    assert any(not torch.equal(final[k], without[k]) for k in without)
+    stats = json.loads((cycled / "training.json").read_text())["stats"]
+    assert stats["second_cycle_diffusion_loss_last100"] > 0
+    # Two encoded sets in the cache: stage 2's 16 scenes and stage 2b's 8 new ones.
+    sets = sorted((torch.load(f, weights_only=False) for f in (tmp_path / "cache").glob("latents-*.pt")),
+                  key=lambda saved: len(saved["scenes"]))
+    assert [len(s["scenes"]) for s in sets] == [8, 16]
+    assert sets[0]["scenes"] != sets[1]["scenes"][:8]
+    assert not any(torch.equal(a, b) for a in sets[0]["latents"] for b in sets[1]["latents"])
+
+    for bad, message in ((["--second-cycle-steps", "-1"], "--second-cycle-steps must be 0 or more, got -1"),
+                         (["--second-cycle-steps", "10", "--second-cycle-lr", "0"],
+                          "--second-cycle-lr must be a positive number, got 0.0"),
+                         (["--second-cycle-steps", "10", "--second-cycle-dataset", "0"],
+                          "--second-cycle-dataset must be at least 1 image, got 0")):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert message in capsys.readouterr().err

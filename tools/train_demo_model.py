@@ -806,6 +806,24 @@ def train_lowres_first(unet, text_encoder, tokenizer, vae: AutoencoderKL, args, 
     return {f"lowres_{k}": v for k, v in stats.items()}
 
 
+def train_second_cycle(unet, text_encoder, tokenizer, vae: AutoencoderKL, args, rng: random.Random) -> dict:
+    """Stage 2b: a second, shorter cosine cycle on scenes stage 2 never saw.
+
+    ``--second-cycle-steps`` more steps from stage 2's EMA weights, with a new optimizer whose
+    learning rate warms up to ``--second-cycle-lr`` and decays to zero again, on
+    ``--second-cycle-dataset`` freshly drawn and encoded scenes (the data RNG goes on from where
+    stage 2 left it) and its own noise stream. Every other option (timesteps, guided term and
+    the share of steps it starts after, EMA) is stage 2's. Run as a separate continuation of
+    run G (docs/demo-model-experiments.md, H0), 600 such steps moved shape more than stage 2's
+    last 1800 did."""
+    second = copy.copy(args)
+    second.unet_steps, second.lr, second.dataset = args.second_cycle_steps, args.second_cycle_lr, args.second_cycle_dataset
+    second.seed, second.checkpoint_every = args.seed + 7, 0
+    latents, scenes = load_or_encode_dataset(vae, second, rng)
+    stats = train_diffusion(unet, text_encoder, tokenizer, latents, scenes, second, rng)
+    return {f"second_cycle_{k}": v for k, v in stats.items()}
+
+
 def write_model_card(out: Path, args, stats: dict, counts: dict) -> None:
     size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
     metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in stats.items())
@@ -1006,6 +1024,11 @@ def parse_args(argv=None):
     p.add_argument("--lowres-size", type=int, default=128, help="image size of stage 2a, a multiple of 64")
     p.add_argument("--lowres-batch", type=int, default=48)
     p.add_argument("--lowres-dataset", type=int, default=12000, help="number of rendered images for stage 2a")
+    p.add_argument("--second-cycle-steps", type=int, default=0,
+                   help="stage 2b: steps of a second cosine cycle on fresh scenes after stage 2 (0: none)")
+    p.add_argument("--second-cycle-lr", type=float, default=2e-4, help="peak learning rate of stage 2b")
+    p.add_argument("--second-cycle-dataset", type=int, default=6000,
+                   help="number of fresh rendered images for stage 2b")
     p.add_argument("--text-pretrain-steps", type=int, default=0,
                    help="contrastive (CLIP-style) pretraining of the text encoder against the training latents "
                    "before stage 2 (0: off, the text encoder starts random)")
@@ -1058,9 +1081,13 @@ def parse_args(argv=None):
         p.error(f"--guided-loss-from must be a fraction of the UNet steps in [0, 1), got {args.guided_loss_from}")
     if args.lowres_steps and (args.lowres_size < 64 or args.lowres_size % 64 or args.lowres_size >= args.size):
         p.error(f"--lowres-size must be a multiple of 64 below --size {args.size}, got {args.lowres_size}")
-    for name in ("text_pretrain_steps", "checkpoint_every", "lowres_steps"):
+    for name in ("text_pretrain_steps", "checkpoint_every", "lowres_steps", "second_cycle_steps"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.second_cycle_steps and args.second_cycle_dataset < 1:
+        p.error(f"--second-cycle-dataset must be at least 1 image, got {args.second_cycle_dataset}")
+    if args.second_cycle_steps and not (math.isfinite(args.second_cycle_lr) and args.second_cycle_lr > 0):
+        p.error(f"--second-cycle-lr must be a positive number, got {args.second_cycle_lr}")
     if args.text_pretrain_batch < 2:
         p.error(f"--text-pretrain-batch must be at least 2 (the loss contrasts captions within a batch), "
                 f"got {args.text_pretrain_batch}")
@@ -1083,6 +1110,7 @@ def parse_args(argv=None):
         args.sampler_decoder_steps, args.sampler_decoder_pairs = min(args.sampler_decoder_steps, 2), 4
         args.text_pretrain_steps, args.text_pretrain_batch = min(args.text_pretrain_steps, 2), 8
         args.lowres_steps, args.lowres_size, args.lowres_batch, args.lowres_dataset = min(args.lowres_steps, 2), 32, 4, 8
+        args.second_cycle_steps, args.second_cycle_dataset = min(args.second_cycle_steps, 2), 8
     return args
 
 
@@ -1173,6 +1201,11 @@ def main(argv=None) -> Path:
         if args.lowres_steps:
             stats.update(train_lowres_first(unet, text_encoder, tokenizer, vae, args, rng))
         stats.update(train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng, snapshot))
+        if args.second_cycle_steps:
+            if args.checkpoint_every:
+                # Stage 2's end, kept so the second cycle's own effect can be measured.
+                snapshot(args.unet_steps, unet, text_encoder)
+            stats.update(train_second_cycle(unet, text_encoder, tokenizer, vae, args, rng))
     stats["vae_scaling_factor"] = args.scaling_factor
     if args.sampler_decoder_steps:
         pairs = sampler_latent_pairs(vae, unet, text_encoder, tokenizer, args)
