@@ -823,7 +823,7 @@ def train_second_cycle(unet, text_encoder, tokenizer, vae: AutoencoderKL, args, 
     stage 2 left it) and its own noise stream. Every other option (timesteps, guided term and
     the share of steps it starts after, EMA) is stage 2's. Run as a separate continuation of
     run G (docs/demo-model-experiments.md, H0), 600 such steps moved shape more than stage 2's
-    last 1800 did; inside run I they added 6.3 and 3.1 points on two prompt sets."""
+    last 1800 did; inside runs I and J they added 6.3 / 3.1 and 3.1 / 0 points on two prompt sets."""
     return train_extra_stage("second_cycle", unet, text_encoder, tokenizer, vae, args, rng,
                              unet_steps=args.second_cycle_steps, lr=args.second_cycle_lr,
                              dataset=args.second_cycle_dataset, seed=args.seed + 7)
