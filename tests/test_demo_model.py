@@ -780,3 +780,37 @@ def test_second_cycle_starts_from_stage_two_and_trains_on_fresh_scenes(tmp_path,
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert message in capsys.readouterr().err
+
+
+def test_second_cycles_repeat_from_each_others_end_on_their_own_scenes(tmp_path, capsys):
+    """--second-cycles 2 runs stage 2b twice: the first cycle is exactly the one a single-cycle
+    run trains (its end is kept as a checkpoint), the second goes on from it on scenes neither
+    earlier stage saw, and moves the weights; 0 cycles is refused by name."""
+    from safetensors.torch import load_file
+
+    from tools.train_demo_model import main as train, parse_args
+
+    args = ["--smoke", "--quiet", "--prediction-type", "v_prediction", "--zero-terminal-snr",
+            "--second-cycle-steps", "2", "--checkpoint-every", "2"]
+    one = train([*args, "--out", str(tmp_path / "one")])
+    two = train([*args, "--second-cycles", "2", "--dataset-cache", str(tmp_path / "cache"),
+                 "--out", str(tmp_path / "two")])
+    name = "unet/diffusion_pytorch_model.safetensors"
+    # --smoke: stage 2 runs 3 steps (a checkpoint at 2) and each cycle 2; a checkpoint where each
+    # cycle starts.
+    assert sorted(d.name for d in (two / "checkpoints").iterdir()) == ["step-2", "step-3", "step-5"]
+    first_end, single = load_file(two / "checkpoints" / "step-5" / name), load_file(one / name)
+    assert all(torch.equal(first_end[k], single[k]) for k in single)
+    final = load_file(two / name)
+    assert any(not torch.equal(final[k], single[k]) for k in single)
+    stats = json.loads((two / "training.json").read_text())["stats"]
+    assert stats["second_cycle_diffusion_loss_last100"] > 0
+    assert stats["second_cycle_2_diffusion_loss_last100"] > 0
+    sets = [torch.load(f, weights_only=False)["scenes"] for f in (tmp_path / "cache").glob("latents-*.pt")]
+    assert sorted(len(s) for s in sets) == [8, 8, 16]
+    first_cycle, second_cycle = (s for s in sets if len(s) == 8)
+    assert first_cycle != second_cycle
+
+    with pytest.raises(SystemExit):
+        parse_args(["--second-cycle-steps", "10", "--second-cycles", "0"])
+    assert "--second-cycles must be at least 1 (use --second-cycle-steps 0 for none), got 0" in capsys.readouterr().err

@@ -814,7 +814,8 @@ def train_extra_stage(name: str, unet, text_encoder, tokenizer, vae: Autoencoder
     return {f"{name}_{k}": v for k, v in stats.items()}
 
 
-def train_second_cycle(unet, text_encoder, tokenizer, vae: AutoencoderKL, args, rng: random.Random) -> dict:
+def train_second_cycle(unet, text_encoder, tokenizer, vae: AutoencoderKL, args, rng: random.Random,
+                       cycle: int = 0) -> dict:
     """Stage 2b: a second, shorter cosine cycle on scenes stage 2 never saw.
 
     ``--second-cycle-steps`` more steps from stage 2's EMA weights, with a new optimizer whose
@@ -823,10 +824,15 @@ def train_second_cycle(unet, text_encoder, tokenizer, vae: AutoencoderKL, args, 
     stage 2 left it) and its own noise stream. Every other option (timesteps, guided term and
     the share of steps it starts after, EMA) is stage 2's. Run as a separate continuation of
     run G (docs/demo-model-experiments.md, H0), 600 such steps moved shape more than stage 2's
-    last 1800 did; inside runs I and J they added 6.3 / 3.1 and 3.1 / 0 points on two prompt sets."""
-    return train_extra_stage("second_cycle", unet, text_encoder, tokenizer, vae, args, rng,
+    last 1800 did; inside runs I and J they added 6.3 / 3.1 and 3.1 / 0 points on two prompt sets.
+
+    With ``--second-cycles K`` the cycle is repeated K times, each from the previous one's EMA
+    weights on its own fresh scenes and noise stream (``cycle`` counts from 0; the first cycle's
+    stats keep the ``second_cycle_`` prefix, later ones are ``second_cycle_2_`` and so on)."""
+    name = "second_cycle" if cycle == 0 else f"second_cycle_{cycle + 1}"
+    return train_extra_stage(name, unet, text_encoder, tokenizer, vae, args, rng,
                              unet_steps=args.second_cycle_steps, lr=args.second_cycle_lr,
-                             dataset=args.second_cycle_dataset, seed=args.seed + 7)
+                             dataset=args.second_cycle_dataset, seed=args.seed + 7 + cycle)
 
 
 def write_model_card(out: Path, args, stats: dict, counts: dict) -> None:
@@ -1034,6 +1040,8 @@ def parse_args(argv=None):
     p.add_argument("--second-cycle-lr", type=float, default=2e-4, help="peak learning rate of stage 2b")
     p.add_argument("--second-cycle-dataset", type=int, default=6000,
                    help="number of fresh rendered images for stage 2b")
+    p.add_argument("--second-cycles", type=int, default=1,
+                   help="how many stage-2b cycles to run one after another, each on its own fresh scenes")
     p.add_argument("--text-pretrain-steps", type=int, default=0,
                    help="contrastive (CLIP-style) pretraining of the text encoder against the training latents "
                    "before stage 2 (0: off, the text encoder starts random)")
@@ -1089,6 +1097,8 @@ def parse_args(argv=None):
     for name in ("text_pretrain_steps", "checkpoint_every", "lowres_steps", "second_cycle_steps"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.second_cycles < 1:
+        p.error(f"--second-cycles must be at least 1 (use --second-cycle-steps 0 for none), got {args.second_cycles}")
     if args.second_cycle_steps and args.second_cycle_dataset < 1:
         p.error(f"--second-cycle-dataset must be at least 1 image, got {args.second_cycle_dataset}")
     if args.second_cycle_steps and not (math.isfinite(args.second_cycle_lr) and args.second_cycle_lr > 0):
@@ -1207,10 +1217,12 @@ def main(argv=None) -> Path:
             stats.update(train_lowres_first(unet, text_encoder, tokenizer, vae, args, rng))
         stats.update(train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng, snapshot))
         if args.second_cycle_steps:
-            if args.checkpoint_every:
-                # Stage 2's end, kept so the second cycle's own effect can be measured.
-                snapshot(args.unet_steps, unet, text_encoder)
-            stats.update(train_second_cycle(unet, text_encoder, tokenizer, vae, args, rng))
+            for cycle in range(args.second_cycles):
+                if args.checkpoint_every:
+                    # Where each cycle starts (stage 2's end first), kept so each cycle's own
+                    # effect can be measured; named by the UNet steps done so far.
+                    snapshot(args.unet_steps + cycle * args.second_cycle_steps, unet, text_encoder)
+                stats.update(train_second_cycle(unet, text_encoder, tokenizer, vae, args, rng, cycle))
     stats["vae_scaling_factor"] = args.scaling_factor
     if args.sampler_decoder_steps:
         pairs = sampler_latent_pairs(vae, unet, text_encoder, tokenizer, args)
