@@ -122,6 +122,29 @@ def test_wider_first_unet_level_trains_and_loads(tmp_path, capsys):
     assert "--unet-first-channels: unet first-level channels must be a multiple of 16" in capsys.readouterr().err
 
 
+def test_deeper_first_unet_level_trains_loads_and_is_refused_where_it_does_not_match(tmp_path, capsys):
+    """--first-level-layers adds ResNets at the 32x32-latent level alone; a continuation must match it."""
+    from tools.train_demo_model import build_unet, parse_args
+    from tools.train_demo_model import main as train
+
+    out = train(["--smoke", "--quiet", "--first-level-layers", "2", "--out", str(tmp_path / "w")])
+    manager = PipelineManager(AppConfig(model=str(out), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
+    unet = manager.pipe.unet
+    assert list(unet.config.layers_per_block) == [2, 1, 1]
+    assert [len(b.resnets) for b in unet.down_blocks] == [2, 1, 1]
+    assert [len(b.resnets) for b in unet.up_blocks] == [2, 2, 3]  # the full-resolution up level is the last
+    image = manager.txt2img(Txt2ImgRequest(prompt="a red square on a blue background", steps=2, seed=1)).images[0]
+    assert np.asarray(image).shape == (64, 64, 3) and np.asarray(image).std() > 0
+    assert "--first-level-layers 2" in (out / "README.md").read_text()
+    assert build_unet(64, 3).config.layers_per_block == 1  # the default config is unchanged
+    with pytest.raises(SystemExit, match=r"has UNet layers per block \[2, 1, 1\], this run asks for 1 "
+                                         r"\(--first-level-layers 1\)"):
+        train(["--smoke", "--quiet", "--init-from", str(out), "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit):
+        parse_args(["--first-level-layers", "0"])
+    assert "--first-level-layers: the first level takes 1 to 4 ResNet layers, got 0" in capsys.readouterr().err
+
+
 def test_shipped_demo_model_is_small_and_loads_like_stable_diffusion():
     files = [p for p in DEMO_MODEL_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 40 * 1024 * 1024
