@@ -28,6 +28,68 @@ def test_grader_reads_rendered_scenes_exactly():
             assert got.position == position, (scene, got)
 
 
+def test_object_grid_puts_every_object_on_whole_latent_cells_of_the_same_world():
+    """``--object-grid 8`` draws the world's objects with their boxes on 8 px cells: still a
+    side of 30-50% of the image, still graded as the scene says, at both training sizes."""
+    from tools.demo_world import snap_to_grid
+
+    rng = random.Random(3)
+    sides = set()
+    for size in (256, 128):
+        for i in range(60):
+            color, background = rng.sample(sorted(COLORS), 2)
+            scene = Scene(color, SHAPES[i % 3], background, sorted(POSITIONS)[i % 5] if i % 2 else None)
+            image = render(scene, size, rng, grid=8)
+            differs = np.nonzero((image != np.asarray(COLORS[background], np.uint8)).any(-1))
+            top, bottom = differs[0].min(), differs[0].max() + 1
+            left, right = differs[1].min(), differs[1].max() + 1
+            if scene.shape == "square":  # every edge on the grid, nothing anti-aliased
+                assert top % 8 == bottom % 8 == left % 8 == right % 8 == 0, (scene, top, bottom, left, right)
+                assert bottom - top == right - left
+                sides.add((size, (right - left) // 8))
+                assert 0.30 * size <= right - left <= 0.50 * size
+            got = analyze(image)
+            assert (got.color, got.background, got.shape) == (color, background, scene.shape), (scene, got)
+            if scene.position:
+                assert got.position == scene.position, (scene, got)
+    big, small = {s for z, s in sides if z == 256}, {s for z, s in sides if z == 128}
+    assert big <= set(range(10, 17)) and len(big) >= 4 and small <= set(range(5, 9)) and len(small) >= 3, sides
+    # The draws are those of the ungridded world, only rounded: the same RNG state afterwards.
+    a, b = random.Random(9), random.Random(9)
+    render(Scene("red", "square", "blue", None), 256, a, grid=8)
+    render(Scene("red", "square", "blue", None), 256, b)
+    assert a.getstate() == b.getstate()
+    with pytest.raises(ValueError, match="grid: 100 px cells leave no side of 30-50% of a 128 px image"):
+        snap_to_grid(0.4, 0.5, 0.5, 128, 100)
+
+
+def test_training_refuses_an_object_grid_that_leaves_no_object_size(capsys):
+    from tools.train_demo_model import parse_args
+
+    for value, message in (("200", "--object-grid: grid: 200 px cells leave no side of 30-50% of a 256 px image"),
+                           ("-1", "--object-grid: the cell size must be 0 (off) or a positive number of pixels, got -1")):
+        with pytest.raises(SystemExit):
+            parse_args(["--object-grid", value])
+        assert message in capsys.readouterr().err
+
+
+def test_every_training_stage_draws_on_the_object_grid(tmp_path, monkeypatch):
+    import tools.train_demo_model as training
+
+    grids = []
+
+    def recording_render(scene, size, rng, supersample=2, grid=0):
+        grids.append((size, grid))
+        return render(scene, size, rng, supersample, grid)
+
+    monkeypatch.setattr(training, "render", recording_render)
+    training.main(["--smoke", "--quiet", "--object-grid", "8", "--lowres-steps", "1", "--second-cycle-steps", "1",
+                   "--out", str(tmp_path / "demo")])
+    # VAE, decoder, text pretraining data, both UNet sizes, the second cycle and stage 3's pairs.
+    assert {size for size, _ in grids} == {32, 64} and len(grids) > 40
+    assert {grid for _, grid in grids} == {8}
+
+
 def test_smoke_training_writes_a_model_the_studio_loads(tmp_path):
     from tools.train_demo_model import main as train
 

@@ -8,6 +8,7 @@ data and the evaluation can never disagree about the world.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -60,8 +61,25 @@ def random_scene(rng: random.Random, position_prob: float = 0.5) -> Scene:
     return Scene(color, rng.choice(SHAPES), background, position)
 
 
-def render(scene: Scene, size: int, rng: random.Random, supersample: int = 2) -> np.ndarray:
-    """Draw ``scene`` as a ``size`` x ``size`` uint8 RGB array (anti-aliased by supersampling)."""
+def snap_to_grid(extent: float, cx: float, cy: float, size: int, grid: int) -> tuple[float, float, float]:
+    """The object's box moved to whole ``grid``-pixel cells: side a multiple of ``grid`` pixels
+    kept within 30-50% of the image, corner on a multiple of ``grid``, inside the image."""
+    cells = size // grid
+    lo, hi = math.ceil(0.30 * size / grid), math.floor(0.50 * size / grid)
+    if lo > hi:
+        raise ValueError(f"grid: {grid} px cells leave no side of 30-50% of a {size} px image")
+    side = min(max(round(extent * size / grid), lo), hi)
+    left = min(max(round(cx * cells - side / 2), 0), cells - side)
+    top = min(max(round(cy * cells - side / 2), 0), cells - side)
+    return side / cells, (left + side / 2) / cells, (top + side / 2) / cells
+
+
+def render(scene: Scene, size: int, rng: random.Random, supersample: int = 2, grid: int = 0) -> np.ndarray:
+    """Draw ``scene`` as a ``size`` x ``size`` uint8 RGB array (anti-aliased by supersampling).
+
+    ``grid`` > 0 puts the object's bounding box on whole ``grid``-pixel cells (the same random
+    draws, then rounded): with ``grid`` 8, the autoencoder's latent cells, a square's edges fall
+    between latent pixels instead of across them."""
     extent = rng.uniform(0.30, 0.50)  # side or diameter, as a fraction of the image
     half = extent / 2
     if scene.position is None:
@@ -70,6 +88,9 @@ def render(scene: Scene, size: int, rng: random.Random, supersample: int = 2) ->
         px, py = POSITIONS[scene.position]
         cx = px + rng.uniform(-POSITION_JITTER, POSITION_JITTER)
         cy = py + rng.uniform(-POSITION_JITTER, POSITION_JITTER)
+    if grid:
+        extent, cx, cy = snap_to_grid(extent, cx, cy, size, grid)
+        half = extent / 2
     n = size * supersample
     coords = (np.arange(n, dtype=np.float32) + 0.5) / n
     x, y = coords[None, :], coords[:, None]

@@ -208,7 +208,7 @@ def train_vae(vae: AutoencoderKL, args, rng: random.Random) -> dict:
         set_cosine_lr(opt, args.vae_lr, step, args.vae_steps)
         images = []
         for _ in range(args.vae_batch):
-            img = render(random_scene(rng), args.size, rng)
+            img = render(random_scene(rng), args.size, rng, grid=args.object_grid)
             y, x = rng.randrange(args.size - crop + 1), rng.randrange(args.size - crop + 1)
             images.append(img[y : y + crop, x : x + crop])
         batch = to_tensor(images)
@@ -269,7 +269,7 @@ def train_decoder(vae: AutoencoderKL, args, pairs: tuple[torch.Tensor, torch.Ten
     bar = tqdm(range(steps), desc="decoder" if pairs is None else "decoder on sampler latents", disable=args.quiet)
     for step in bar:
         set_cosine_lr(opt, lr, step, steps)
-        batch = to_tensor([render(random_scene(rng, position_prob=0.6), args.size, rng)
+        batch = to_tensor([render(random_scene(rng, position_prob=0.6), args.size, rng, grid=args.object_grid)
                            for _ in range(n_render)]).to(device)
         with torch.no_grad(), autocast(args):
             z = vae.encode(batch).latent_dist.mode().float()
@@ -307,7 +307,7 @@ def encode_dataset(vae: AutoencoderKL, args, rng: random.Random) -> tuple[torch.
     for start in bar:
         n = min(32, args.dataset - start)
         batch_scenes = [random_scene(rng, position_prob=0.6) for _ in range(n)]
-        images = [render(s, args.size, rng) for s in batch_scenes]
+        images = [render(s, args.size, rng, grid=args.object_grid) for s in batch_scenes]
         with autocast(args):
             latents.append(vae.encode(to_tensor(images).to(device)).latent_dist.mean.float().cpu())
         scenes += batch_scenes
@@ -351,7 +351,7 @@ def sampler_latent_pairs(vae: AutoencoderKL, unet: UNet2DConditionModel, text_en
     for begin in bar:
         n = min(32, args.sampler_decoder_pairs - begin)
         scenes = [random_scene(rng, position_prob=0.6) for _ in range(n)]
-        rendered = [render(scene, args.size, rng) for scene in scenes]
+        rendered = [render(scene, args.size, rng, grid=args.object_grid) for scene in scenes]
         with autocast(args):
             z0 = vae.encode(to_tensor(rendered).to(device)).latent_dist.mode().float() * scale
         timesteps = scheduler.timesteps[rng.choice(starts):]
@@ -380,7 +380,7 @@ def dataset_cache_key(vae: AutoencoderKL, args, rng: random.Random) -> str:
         if name.startswith(("encoder.", "quant_conv.")):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(repr((args.size, args.dataset, rng.getstate())).encode())
+    digest.update(repr((args.size, args.dataset, rng.getstate()) + ((args.object_grid,) if args.object_grid else ())).encode())
     return digest.hexdigest()[:16]
 
 
@@ -416,7 +416,7 @@ def load_or_encode_dataset(vae: AutoencoderKL, args, rng: random.Random) -> tupl
 def heldout_reconstruction_error(vae: AutoencoderKL, args) -> float:
     """Mean absolute error, in 0-255 levels, of full-size reconstructions of unseen scenes."""
     rng = random.Random(args.seed + 1)
-    images = [render(random_scene(rng), args.size, rng) for _ in range(8)]
+    images = [render(random_scene(rng), args.size, rng, grid=args.object_grid) for _ in range(8)]
     batch = to_tensor(images)
     recon = vae.decode(vae.encode(batch).latent_dist.mode()).sample.clamp(-1, 1)
     err = float(((recon - batch).abs() * 127.5).mean())
@@ -993,6 +993,9 @@ def parse_args(argv=None):
     p.add_argument("--sampler-decoder-max-t", type=int, default=600,
                    help="stage 3's sampling starts at a timestep of the 20-step schedule at or below this")
     p.add_argument("--dataset", type=int, default=6000, help="number of rendered training images")
+    p.add_argument("--object-grid", type=int, default=0, metavar="PX",
+                   help="draw every training object's bounding box on whole PX-pixel cells (8: the latent "
+                        "cells, so a square's edges fall between latent pixels); 0 places it anywhere")
     p.add_argument("--unet-steps", type=int, default=3500)
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -1148,6 +1151,17 @@ def parse_args(argv=None):
         args.text_pretrain_steps, args.text_pretrain_batch = min(args.text_pretrain_steps, 2), 8
         args.lowres_steps, args.lowres_size, args.lowres_batch, args.lowres_dataset = min(args.lowres_steps, 2), 32, 4, 8
         args.second_cycle_steps, args.second_cycle_dataset = min(args.second_cycle_steps, 2), 8
+    if args.object_grid:
+        from tools.demo_world import snap_to_grid
+
+        sizes = [args.size] + ([args.lowres_size] if args.lowres_steps else [])
+        try:
+            if args.object_grid < 0:
+                raise ValueError(f"the cell size must be 0 (off) or a positive number of pixels, got {args.object_grid}")
+            for size in sizes:
+                snap_to_grid(0.4, 0.5, 0.5, size, args.object_grid)
+        except ValueError as err:
+            p.error(f"--object-grid: {err}")
     return args
 
 
