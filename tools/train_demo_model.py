@@ -44,7 +44,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from pipelines.loading import own_weights  # noqa: E402
 from pipelines.tokenizer_files import write_clip_tokenizer  # noqa: E402
-from tools.demo_world import VOCABULARY, random_scene, render  # noqa: E402
+from tools.demo_world import VOCABULARY, random_scene, render, snap_to_grid  # noqa: E402
 
 log = logging.getLogger("train_demo_model")
 
@@ -380,7 +380,7 @@ def dataset_cache_key(vae: AutoencoderKL, args, rng: random.Random) -> str:
         if name.startswith(("encoder.", "quant_conv.")):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(repr((args.size, args.dataset, rng.getstate()) + ((args.object_grid,) if args.object_grid else ())).encode())
+    digest.update(repr((args.size, args.dataset, args.object_grid, rng.getstate())).encode())
     return digest.hexdigest()[:16]
 
 
@@ -1151,17 +1151,14 @@ def parse_args(argv=None):
         args.text_pretrain_steps, args.text_pretrain_batch = min(args.text_pretrain_steps, 2), 8
         args.lowres_steps, args.lowres_size, args.lowres_batch, args.lowres_dataset = min(args.lowres_steps, 2), 32, 4, 8
         args.second_cycle_steps, args.second_cycle_dataset = min(args.second_cycle_steps, 2), 8
+    if args.object_grid < 0:
+        p.error(f"--object-grid: the cell size must be 0 (off) or a positive number of pixels, got {args.object_grid}")
     if args.object_grid:
-        from tools.demo_world import snap_to_grid
-
-        sizes = [args.size] + ([args.lowres_size] if args.lowres_steps else [])
-        try:
-            if args.object_grid < 0:
-                raise ValueError(f"the cell size must be 0 (off) or a positive number of pixels, got {args.object_grid}")
-            for size in sizes:
+        for size in [args.size] + ([args.lowres_size] if args.lowres_steps else []):
+            try:
                 snap_to_grid(0.4, 0.5, 0.5, size, args.object_grid)
-        except ValueError as err:
-            p.error(f"--object-grid: {err}")
+            except ValueError as err:
+                p.error(f"--object-grid: {err}")
     return args
 
 
