@@ -899,3 +899,89 @@ def test_second_cycles_repeat_from_each_others_end_on_their_own_scenes(tmp_path,
     with pytest.raises(SystemExit):
         parse_args(["--second-cycle-steps", "10", "--second-cycles", "0"])
     assert "--second-cycles must be at least 1 (use --second-cycle-steps 0 for none), got 0" in capsys.readouterr().err
+
+
+def _object_pixels(image: np.ndarray, background: str) -> np.ndarray:
+    return np.abs(image.astype(int) - np.array(COLORS[background])).sum(axis=-1) > 60
+
+
+def test_superellipse_runs_from_the_disc_to_the_square_in_the_same_box():
+    """render_box's exponent: 2 draws the scene's disc, a large one its square, the values
+    between fill the box more the larger they are, and the grader reads the ends correctly."""
+    from tools.demo_world import render_box
+
+    scene = Scene("red", "circle", "blue", None)
+    disc = render_box(scene, 256, 0.4, 0.5, 0.5)
+    assert np.abs(render_box(scene, 256, 0.4, 0.5, 0.5, exponent=2.0).astype(int) - disc).mean() < 0.05
+    square = render_box(Scene("red", "square", "blue", None), 256, 0.4, 0.5, 0.5)
+    assert np.abs(render_box(scene, 256, 0.4, 0.5, 0.5, exponent=200.0).astype(int) - square).mean() < 0.5
+    fills = [_object_pixels(render_box(scene, 256, 0.4, 0.5, 0.5, exponent=n), "blue").sum() for n in (1.6, 2, 3, 5, 8)]
+    assert fills == sorted(fills) and len(set(fills)) == 5
+    assert analyze(render_box(scene, 256, 0.4, 0.5, 0.5, exponent=2.0)).shape == "circle"
+    assert analyze(render_box(scene, 256, 0.4, 0.5, 0.5, exponent=200.0)).shape == "square"
+    with pytest.raises(ValueError, match="exponent"):
+        render_box(scene, 256, 0.4, 0.5, 0.5, exponent=0.0)
+
+
+def test_outline_pairs_pair_an_in_between_blob_with_the_prompts_shape_in_the_same_box():
+    from tools.train_demo_model import outline_pair_images
+
+    ranges = {"square": (2.4, 8.0), "circle": (1.6, 2.2)}
+    blurred, true, scenes = outline_pair_images(random.Random(3), 40, 128, ranges)
+    assert {s.shape for s in scenes} == {"square", "circle"}
+    for blob, target, scene in zip(blurred, true, scenes):
+        got = analyze(target)
+        assert (got.color, got.shape, got.background) == (scene.color, scene.shape, scene.background), scene
+        if scene.position:
+            assert got.position == scene.position
+        mask_t, mask_b = _object_pixels(target, scene.background), _object_pixels(blob, scene.background)
+        rows_t, cols_t = np.nonzero(mask_t.any(1))[0], np.nonzero(mask_t.any(0))[0]
+        rows_b, cols_b = np.nonzero(mask_b.any(1))[0], np.nonzero(mask_b.any(0))[0]
+        # Same box (to a pixel), same colours, and a blob strictly between a disc and a square.
+        for a, b in ((rows_t, rows_b), (cols_t, cols_b)):
+            assert abs(a[0] - b[0]) <= 1 and abs(a[-1] - b[-1]) <= 1, scene
+        box_area = (rows_t[-1] - rows_t[0] + 1) * (cols_t[-1] - cols_t[0] + 1)
+        fill = mask_b.sum() / box_area
+        if scene.shape == "square":
+            assert 0.80 < fill < 0.99 and mask_b.sum() < mask_t.sum(), (scene, fill)
+        else:
+            assert 0.70 < fill < 0.83, (scene, fill)
+    # Seeded: the same RNG gives the same pairs.
+    again = outline_pair_images(random.Random(3), 40, 128, ranges)
+    assert all(np.array_equal(a, b) for a, b in zip(blurred + true, again[0] + again[1]))
+
+
+def test_outline_stage_alone_trains_only_the_unet_reproducibly_and_refuses_bad_options(tmp_path, capsys):
+    """Stage 4 on an earlier run (--init-from, --unet-steps 0): the UNet moves, exactly the same
+    way twice; the VAE and the text encoder stay as they were; the folder loads and draws."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tools.train_demo_model import main as train, parse_args
+
+    vpred = ["--smoke", "--quiet", "--prediction-type", "v_prediction", "--zero-terminal-snr"]
+    first = train([*vpred, "--out", str(tmp_path / "a")])
+    stage4 = [*vpred, "--init-from", str(first), "--unet-steps", "0", "--outline-steps", "2"]
+    outs = [train([*stage4, "--out", str(tmp_path / name)]) for name in ("b", "c")]
+    unets = [load_file(f / "unet/diffusion_pytorch_model.safetensors") for f in (first, *outs)]
+    assert any(not torch.equal(unets[0][k], unets[1][k]) for k in unets[0])
+    assert all(torch.equal(unets[1][k], unets[2][k]) for k in unets[1])
+    for name in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a, b = load_file(first / name), load_file(outs[0] / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    stats = json.loads((outs[0] / "training.json").read_text())["stats"]
+    assert stats["outline_steps"] == 2 and stats["outline_pair_loss_last50"] > 0 and stats["outline_plain_loss_last50"] > 0
+    manager = PipelineManager(AppConfig(model=str(outs[0]), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
+    assert np.asarray(manager.txt2img(Txt2ImgRequest(prompt="a red square on a blue background", steps=2,
+                                                     seed=1)).images[0]).shape == (64, 64, 3)
+    for bad, message in ((["--outline-t", "600,100"], "--outline-t must satisfy 0 <= MIN <= MAX <= 999, got '600,100'"),
+                         (["--outline-t", "150"], "--outline-t must be MIN,MAX"),
+                         (["--outline-exponents", "hexagon:2:3"], "'hexagon' is not one of circle, square, triangle"),
+                         (["--outline-exponents", "square:8:2.4"], "square needs 0 < LO <= HI, got 8:2.4"),
+                         (["--outline-exponents", "square-2-8"], "SHAPE:LO:HI entries"),
+                         (["--outline-lr", "0"], "--outline-lr must be a positive number, got 0.0"),
+                         (["--outline-ema", "1"], "--outline-ema must be in [0, 1), got 1.0")):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert message in capsys.readouterr().err, bad

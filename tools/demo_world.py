@@ -74,12 +74,11 @@ def snap_to_grid(extent: float, cx: float, cy: float, size: int, grid: int) -> t
     return side / cells, (left + side / 2) / cells, (top + side / 2) / cells
 
 
-def render(scene: Scene, size: int, rng: random.Random, supersample: int = 2, grid: int = 0) -> np.ndarray:
-    """Draw ``scene`` as a ``size`` x ``size`` uint8 RGB array (anti-aliased by supersampling).
+def object_box(scene: Scene, rng: random.Random, size: int = 256, grid: int = 0) -> tuple[float, float, float]:
+    """Where ``scene``'s object goes: its side or diameter and centre, as fractions of the image.
 
-    ``grid`` > 0 puts the object's bounding box on whole ``grid``-pixel cells (the same random
-    draws, then rounded): with ``grid`` 8, the autoencoder's latent cells, a square's edges fall
-    between latent pixels instead of across them."""
+    Drawn from ``rng`` (extent, then centre: anywhere that keeps it inside, or the named
+    position with a little jitter); with ``grid`` > 0, moved onto whole ``grid``-pixel cells."""
     extent = rng.uniform(0.30, 0.50)  # side or diameter, as a fraction of the image
     half = extent / 2
     if scene.position is None:
@@ -90,11 +89,36 @@ def render(scene: Scene, size: int, rng: random.Random, supersample: int = 2, gr
         cy = py + rng.uniform(-POSITION_JITTER, POSITION_JITTER)
     if grid:
         extent, cx, cy = snap_to_grid(extent, cx, cy, size, grid)
-        half = extent / 2
+    return extent, cx, cy
+
+
+def render(scene: Scene, size: int, rng: random.Random, supersample: int = 2, grid: int = 0) -> np.ndarray:
+    """Draw ``scene`` as a ``size`` x ``size`` uint8 RGB array (anti-aliased by supersampling).
+
+    ``grid`` > 0 puts the object's bounding box on whole ``grid``-pixel cells (the same random
+    draws, then rounded): with ``grid`` 8, the autoencoder's latent cells, a square's edges fall
+    between latent pixels instead of across them."""
+    return render_box(scene, size, *object_box(scene, rng, size, grid), supersample=supersample)
+
+
+def render_box(scene: Scene, size: int, extent: float, cx: float, cy: float, supersample: int = 2,
+               exponent: float | None = None) -> np.ndarray:
+    """``scene`` with its object in the given box (side or diameter ``extent``, centre ``cx``,
+    ``cy``, fractions of the image).
+
+    With ``exponent`` n the object is instead the superellipse ``|dx|^n + |dy|^n <= r^n`` in the
+    same box, whatever the scene's shape: n = 2 is the disc, large n tends to the square, and the
+    values between are the rounded squares and bulging discs a half-trained model draws."""
+    half = extent / 2
     n = size * supersample
     coords = (np.arange(n, dtype=np.float32) + 0.5) / n
     x, y = coords[None, :], coords[:, None]
-    if scene.shape == "circle":
+    if exponent is not None:
+        if not exponent > 0:
+            raise ValueError(f"exponent: a superellipse needs a positive exponent, got {exponent}")
+        with np.errstate(over="ignore"):  # far outside the box the powers overflow to inf: outside
+            mask = (np.abs(x - cx) / half) ** exponent + (np.abs(y - cy) / half) ** exponent <= 1
+    elif scene.shape == "circle":
         mask = (x - cx) ** 2 + (y - cy) ** 2 <= half**2
     elif scene.shape == "square":
         mask = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)

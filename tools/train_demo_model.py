@@ -10,6 +10,10 @@ in two stages, as for Stable Diffusion itself (Rombach et al. 2022, arXiv 2112.1
    with 10% empty captions so classifier-free guidance works, Min-SNR loss weighting
    (Hang et al. 2023, arXiv 2303.09556) and an EMA of the weights.
 
+Optional stages refine the result: 3. the VAE decoder on the latents the sampler itself ends on
+(``--sampler-decoder-steps``); 4. the UNet on in-between outlines (blobs between a disc and a
+square) paired with the prompt's true shape in the same box (``--outline-steps``).
+
 The result is a diffusers folder loaded by exactly the code path that loads Stable
 Diffusion. Seeded and reproducible on the same machine and library versions.
 
@@ -44,7 +48,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from pipelines.loading import own_weights  # noqa: E402
 from pipelines.tokenizer_files import write_clip_tokenizer  # noqa: E402
-from tools.demo_world import VOCABULARY, random_scene, render, snap_to_grid  # noqa: E402
+from tools.demo_world import SHAPES, VOCABULARY, Scene, object_box, random_scene, render, render_box, snap_to_grid  # noqa: E402
 
 log = logging.getLogger("train_demo_model")
 
@@ -846,6 +850,132 @@ def train_second_cycle(unet, text_encoder, tokenizer, vae: AutoencoderKL, args, 
                              dataset=args.second_cycle_dataset, seed=args.seed + 7 + cycle)
 
 
+def outline_pair_images(rng: random.Random, count: int, size: int,
+                        exponents: dict[str, tuple[float, float]]) -> tuple[list, list, list[Scene]]:
+    """``count`` scenes whose shape is one of ``exponents``' shapes, each drawn twice in the same
+    box and colours: as a superellipse with an exponent drawn log-uniformly from that shape's
+    range (the ambiguous input) and as the scene's true shape (the target)."""
+    shapes = sorted(exponents)
+    blurred, true, scenes = [], [], []
+    for _ in range(count):
+        drawn = random_scene(rng, position_prob=0.6)
+        scene = Scene(drawn.color, rng.choice(shapes), drawn.background, drawn.position)
+        box = object_box(scene, rng)
+        lo, hi = exponents[scene.shape]
+        exponent = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        blurred.append(render_box(scene, size, *box, exponent=exponent))
+        true.append(render_box(scene, size, *box))
+        scenes.append(scene)
+    return blurred, true, scenes
+
+
+@torch.no_grad()
+def outline_pair_latents(vae: AutoencoderKL, args) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stage 4's pairs (``outline_pair_images``, ``--outline-pairs`` of them) encoded and scaled,
+    with their prompts. Own RNG (seed + 13), so the pairs do not depend on earlier stages."""
+    rng = random.Random(args.seed + 13)
+    device = torch.device(args.device)
+    vae.to(device)
+    inputs, targets, prompts = [], [], []
+    for begin in tqdm(range(0, args.outline_pairs, 32), desc="outline pairs", disable=args.quiet):
+        blurred, true, scenes = outline_pair_images(rng, min(32, args.outline_pairs - begin), args.size,
+                                                    args.outline_exponents)
+        prompts += [scene.prompt for scene in scenes]
+        with autocast(args):
+            for images, out in ((blurred, inputs), (true, targets)):
+                out.append(vae.encode(to_tensor(images).to(device)).latent_dist.mean.float().cpu() * args.scaling_factor)
+    vae.cpu()
+    return torch.cat(inputs), torch.cat(targets), prompts
+
+
+def train_outline_pairs(unet, text_encoder, tokenizer, vae: AutoencoderKL, latents: torch.Tensor, scenes: list,
+                        args) -> dict:
+    """Stage 4: teach the UNet to settle an ambiguous outline by the shape word.
+
+    A small model's samples go wrong in one way above all: at middle noise the object is a
+    blob between a disc and a square, and the model keeps the blob (squares come out with
+    rounded corners and are read as circles). Here the input is such a blob, a superellipse in
+    the object's box (``outline_pair_latents``), noised to a timestep in ``--outline-t``, and
+    the target is the prompt's true shape in that box: the clean latent is trained, for the
+    conditional prediction and for the guided one the studio samples with (both branches with
+    gradients, so guidance cannot push the outline away again). Each step also takes as many
+    plain pairs from stage 2's data (its v or epsilon loss, plus the guided-consistency term at
+    t < 500 scaled by its share), so nothing else is forgotten. ``--outline-steps`` steps of
+    ``--outline-batch`` pairs of each kind, cosine learning rate from ``--outline-lr``, an EMA
+    of decay ``--outline-ema``; the text encoder stays as it is. As a 400-step continuation of
+    run P it moved squares from 4 to 11 of 21 (docs/demo-model-experiments.md, session 26)."""
+    start = time.perf_counter()
+    scheduler = DDPMScheduler.from_config(args.scheduler_config)
+    inputs, targets, prompts = outline_pair_latents(vae, args)
+    device = torch.device(args.device)
+    unet.to(device)
+    text_encoder.to(device).requires_grad_(False)
+    data = latents * args.scaling_factor
+    data_prompts = [s.prompt for s in scenes]
+    unet.train().requires_grad_(True)
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.outline_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed + 13)
+    tmin, tmax = args.outline_t
+    batch, scale, n_train = args.outline_batch, args.guided_loss_scale, scheduler.config.num_train_timesteps
+
+    def embed(texts):
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        with torch.no_grad(), autocast(args):
+            return text_encoder(ids)[0].float()
+
+    empty = embed([""])
+    pair_losses, plain_losses = [], []
+    bar = tqdm(range(args.outline_steps), desc="outline pairs", disable=args.quiet)
+    for step in bar:
+        set_cosine_lr(opt, args.outline_lr, step, args.outline_steps)
+        i = torch.randint(0, len(inputs), (batch,), generator=gen)
+        t = torch.randint(tmin, tmax + 1, (batch,), generator=gen)
+        noisy = scheduler.add_noise(inputs[i], torch.randn(inputs[i].shape, generator=gen), t).to(device)
+        goal = targets[i].to(device)
+        j = torch.randint(0, len(data), (batch,), generator=gen)
+        x0 = data[j]
+        noise = torch.randn(x0.shape, generator=gen)
+        td = torch.randint(0, n_train, (batch,), generator=gen)
+        noisy_d = scheduler.add_noise(x0, noise, td).to(device)
+        target_d = (scheduler.get_velocity(x0, noise, td) if scheduler.config.prediction_type == "v_prediction"
+                    else noise).to(device)
+        low = td < 500
+        n_low = int(low.sum())
+        cond = torch.cat([embed([prompts[k] for k in i.tolist()]), embed([data_prompts[k] for k in j.tolist()]),
+                          empty.expand(batch + n_low, -1, -1)])
+        with autocast(args):
+            pred = unet(torch.cat([noisy, noisy_d, noisy, noisy_d[low.to(device)]]),
+                        torch.cat([t, td, t, td[low]]).to(device), encoder_hidden_states=cond).sample.float()
+        pred_c, pred_dc, pred_u, pred_du = pred.split([batch, batch, batch, n_low])
+        t_dev = t.to(device)
+        pair_loss = F.mse_loss(clean_and_noise(scheduler, noisy, pred_c, t_dev)[0], goal) + F.mse_loss(
+            clean_and_noise(scheduler, noisy, pred_u + scale * (pred_c - pred_u), t_dev)[0], goal)
+        plain_loss = F.mse_loss(pred_dc, target_d)
+        if n_low:
+            sel = low.to(device)
+            plain_loss = plain_loss + guided_consistency_loss(
+                pred_dc[sel], pred_du, target_d[sel], torch.ones(n_low, device=device), scale) * (n_low / batch)
+        loss = pair_loss + plain_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - args.outline_ema)
+        pair_losses.append(pair_loss.detach())
+        plain_losses.append(plain_loss.detach())
+        if step % 20 == 0:
+            bar.set_postfix(pairs=f"{float(pair_losses[-1]):.4f}", plain=f"{float(plain_losses[-1]):.4f}")
+    unet.load_state_dict(ema.state_dict())
+    unet.cpu().eval()
+    text_encoder.cpu()
+    return {"outline_pair_loss_last50": float(torch.stack(pair_losses[-50:]).mean()),
+            "outline_plain_loss_last50": float(torch.stack(plain_losses[-50:]).mean()),
+            "outline_minutes": (time.perf_counter() - start) / 60}
+
+
 def write_model_card(out: Path, args, stats: dict, counts: dict) -> None:
     size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
     metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in stats.items())
@@ -969,6 +1099,30 @@ def load_stage2(folder: Path, args) -> tuple[UNet2DConditionModel, CLIPTextModel
     return unet, own_weights(CLIPTextModel.from_pretrained(folder / "text_encoder"))
 
 
+def parse_outline_options(p: argparse.ArgumentParser, t_range: str, exponents: str):
+    """``--outline-t MIN,MAX`` and ``--outline-exponents SHAPE:LO:HI,...`` as a tuple and a dict,
+    or an argparse error naming the option and the value."""
+    try:
+        tmin, tmax = (int(v) for v in str(t_range).split(","))
+    except ValueError:
+        p.error(f"--outline-t must be MIN,MAX (two whole timesteps), got {t_range!r}")
+    if not 0 <= tmin <= tmax < 1000:
+        p.error(f"--outline-t must satisfy 0 <= MIN <= MAX <= 999, got {t_range!r}")
+    ranges = {}
+    for part in str(exponents).split(","):
+        try:
+            shape, lo, hi = part.split(":")
+            lo, hi = float(lo), float(hi)
+        except ValueError:
+            p.error(f"--outline-exponents must be SHAPE:LO:HI entries separated by commas, got {part!r}")
+        if shape not in SHAPES or shape in ranges:
+            p.error(f"--outline-exponents: {shape!r} is not one of {', '.join(SHAPES)} (each at most once)")
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            p.error(f"--outline-exponents: {shape} needs 0 < LO <= HI, got {lo:g}:{hi:g}")
+        ranges[shape] = (lo, hi)
+    return (tmin, tmax), ranges
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "assets" / "demo-model"), help="output diffusers folder")
@@ -992,6 +1146,16 @@ def parse_args(argv=None):
     p.add_argument("--sampler-decoder-lr", type=float, default=1e-4)
     p.add_argument("--sampler-decoder-max-t", type=int, default=600,
                    help="stage 3's sampling starts at a timestep of the 20-step schedule at or below this")
+    p.add_argument("--outline-steps", type=int, default=0,
+                   help="stage 4 (after stage 3): steps on in-between-outline pairs, see train_outline_pairs")
+    p.add_argument("--outline-pairs", type=int, default=1536, help="in-between-outline pairs drawn and encoded for stage 4")
+    p.add_argument("--outline-batch", type=int, default=12, help="pairs per stage-4 step (and as many plain pairs)")
+    p.add_argument("--outline-lr", type=float, default=2e-4, help="peak learning rate of stage 4")
+    p.add_argument("--outline-ema", type=float, default=0.98, help="EMA decay of stage 4")
+    p.add_argument("--outline-t", default="150,500", metavar="MIN,MAX",
+                   help="training timesteps the outline inputs are noised to")
+    p.add_argument("--outline-exponents", default="square:2.4:8,circle:1.6:2.2", metavar="SHAPE:LO:HI,...",
+                   help="the shapes stage 4 teaches and the superellipse exponents drawn for each")
     p.add_argument("--dataset", type=int, default=6000, help="number of rendered training images")
     p.add_argument("--object-grid", type=int, default=0, metavar="PX",
                    help="draw every training object's bounding box on whole PX-pixel cells (8: the latent "
@@ -1124,6 +1288,16 @@ def parse_args(argv=None):
         p.error(f"--second-cycle-dataset must be at least 1 image, got {args.second_cycle_dataset}")
     if args.second_cycle_steps and not (math.isfinite(args.second_cycle_lr) and args.second_cycle_lr > 0):
         p.error(f"--second-cycle-lr must be a positive number, got {args.second_cycle_lr}")
+    args.outline_t, args.outline_exponents = parse_outline_options(p, args.outline_t, args.outline_exponents)
+    for name in ("outline_pairs", "outline_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.outline_steps < 0:
+        p.error(f"--outline-steps must be 0 or more, got {args.outline_steps}")
+    if not (math.isfinite(args.outline_lr) and args.outline_lr > 0):
+        p.error(f"--outline-lr must be a positive number, got {args.outline_lr}")
+    if not 0 <= args.outline_ema < 1:
+        p.error(f"--outline-ema must be in [0, 1), got {args.outline_ema}")
     if args.text_pretrain_batch < 2:
         p.error(f"--text-pretrain-batch must be at least 2 (the loss contrasts captions within a batch), "
                 f"got {args.text_pretrain_batch}")
@@ -1142,7 +1316,8 @@ def parse_args(argv=None):
     except ValueError as err:
         p.error(str(err))
     if args.unet_steps < 0 or (args.unet_steps == 0 and not args.init_from):
-        p.error(f"--unet-steps must be positive (0 only with --init-from, to run stage 3 alone), got {args.unet_steps}")
+        p.error(f"--unet-steps must be positive (0 only with --init-from, to run stage 3 or 4 alone), "
+                f"got {args.unet_steps}")
     if args.smoke:
         args.size, args.vae_steps, args.vae_batch, args.vae_crop = 64, 3, 2, 64
         args.dataset, args.unet_steps, args.batch = 16, min(args.unet_steps, 3), 4
@@ -1151,6 +1326,7 @@ def parse_args(argv=None):
         args.text_pretrain_steps, args.text_pretrain_batch = min(args.text_pretrain_steps, 2), 8
         args.lowres_steps, args.lowres_size, args.lowres_batch, args.lowres_dataset = min(args.lowres_steps, 2), 32, 4, 8
         args.second_cycle_steps, args.second_cycle_dataset = min(args.second_cycle_steps, 2), 8
+        args.outline_steps, args.outline_pairs, args.outline_batch = min(args.outline_steps, 2), 4, 2
     if args.object_grid < 0:
         p.error(f"--object-grid: the cell size must be 0 (off) or a positive number of pixels, got {args.object_grid}")
     if args.object_grid:
@@ -1234,6 +1410,7 @@ def main(argv=None) -> Path:
     # alone) keeps the one saved with the VAE it goes on from (--vae-from, by default the
     # parent's); a new one gets SD's, the scale that gives its latents unit variance.
     args.scaling_factor = float(vae.config.scaling_factor)
+    latents = scenes = None
     if args.unet_steps:
         latents, scenes = load_or_encode_dataset(vae, args, rng)
         if not args.init_from:
@@ -1262,6 +1439,11 @@ def main(argv=None) -> Path:
         stats.update({f"sampler_{k}": v for k, v in train_decoder(vae, args, pairs).items()})
         stats["sampler_decoder_steps"] = args.sampler_decoder_steps
         stats["vae_heldout_l1_uint8_after_sampler_decoder"] = heldout_reconstruction_error(vae, args)
+    if args.outline_steps:
+        if latents is None:  # --unet-steps 0: stage 4 alone on a continuation; draw its plain data
+            latents, scenes = load_or_encode_dataset(vae, args, rng)
+        stats.update(train_outline_pairs(unet, text_encoder, tokenizer, vae, latents, scenes, args))
+        stats["outline_steps"] = args.outline_steps
     stats["train_minutes"] = (time.perf_counter() - start) / 60
 
     save_pipeline(out, vae, text_encoder, tokenizer, unet, args)
