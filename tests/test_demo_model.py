@@ -981,7 +981,8 @@ def test_outline_stage_alone_trains_only_the_unet_reproducibly_and_refuses_bad_o
                          (["--outline-exponents", "square:8:2.4"], "square needs 0 < LO <= HI, got 8:2.4"),
                          (["--outline-exponents", "square-2-8"], "SHAPE:LO:HI entries"),
                          (["--outline-lr", "0"], "--outline-lr must be a positive number, got 0.0"),
-                         (["--outline-ema", "1"], "--outline-ema must be in [0, 1), got 1.0")):
+                         (["--outline-ema", "1"], "--outline-ema must be in [0, 1), got 1.0"),
+                         (["--outline-weight", "-1"], "--outline-weight must be a positive number, got -1.0")):
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert message in capsys.readouterr().err, bad

@@ -901,7 +901,8 @@ def train_outline_pairs(unet, text_encoder, tokenizer, vae: AutoencoderKL, laten
     gradients, so guidance cannot push the outline away again). Each step also takes as many
     plain pairs from stage 2's data (its v or epsilon loss, plus the guided-consistency term at
     t < 500 scaled by its share), so nothing else is forgotten. ``--outline-steps`` steps of
-    ``--outline-batch`` pairs of each kind, cosine learning rate from ``--outline-lr``, an EMA
+    ``--outline-batch`` pairs of each kind (the outline pairs' loss weighted by
+    ``--outline-weight``), cosine learning rate from ``--outline-lr``, an EMA
     of decay ``--outline-ema``; the text encoder stays as it is. As a 400-step continuation of
     run P it moved squares from 4 to 11 of 21 (docs/demo-model-experiments.md, session 26)."""
     start = time.perf_counter()
@@ -957,7 +958,7 @@ def train_outline_pairs(unet, text_encoder, tokenizer, vae: AutoencoderKL, laten
             sel = low.to(device)
             plain_loss = plain_loss + guided_consistency_loss(
                 pred_dc[sel], pred_du, target_d[sel], torch.ones(n_low, device=device), scale) * (n_low / batch)
-        loss = pair_loss + plain_loss
+        loss = args.outline_weight * pair_loss + plain_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -1152,6 +1153,8 @@ def parse_args(argv=None):
     p.add_argument("--outline-batch", type=int, default=12, help="pairs per stage-4 step (and as many plain pairs)")
     p.add_argument("--outline-lr", type=float, default=2e-4, help="peak learning rate of stage 4")
     p.add_argument("--outline-ema", type=float, default=0.98, help="EMA decay of stage 4")
+    p.add_argument("--outline-weight", type=float, default=1.0,
+                   help="weight of the outline pairs' loss against the plain pairs' in stage 4")
     p.add_argument("--outline-t", default="150,500", metavar="MIN,MAX",
                    help="training timesteps the outline inputs are noised to")
     p.add_argument("--outline-exponents", default="square:2.4:8,circle:1.6:2.2", metavar="SHAPE:LO:HI,...",
@@ -1296,6 +1299,8 @@ def parse_args(argv=None):
         p.error(f"--outline-steps must be 0 or more, got {args.outline_steps}")
     if not (math.isfinite(args.outline_lr) and args.outline_lr > 0):
         p.error(f"--outline-lr must be a positive number, got {args.outline_lr}")
+    if not (math.isfinite(args.outline_weight) and args.outline_weight > 0):
+        p.error(f"--outline-weight must be a positive number, got {args.outline_weight}")
     if not 0 <= args.outline_ema < 1:
         p.error(f"--outline-ema must be in [0, 1), got {args.outline_ema}")
     if args.text_pretrain_batch < 2:
