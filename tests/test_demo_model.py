@@ -266,9 +266,9 @@ def test_training_refuses_epsilon_with_zero_terminal_snr(capsys):
 def test_demo_model_follows_colour_shape_and_position_prompts(demo_manager):
     """16-prompt version of tools/eval_demo_model.py: colours at the issue's 95%, shape and position at 85%.
 
-    Shape is held at the issue's 85% on these 16 (the shipped weights draw 14 of them right; 81% of
-    the full 64, still short there, is left to the open issue; the session-5 weights read 13 of 16,
-    the session-4 weights 56% of 64). This keeps what the model does get right from regressing
+    Shape is held at the issue's 85% on these 16 (the shipped session-27 weights read 93.8% of the
+    full 64; the session-8 weights drew 14 of these 16 and 81% of the 64, the session-5 weights 13
+    of 16, the session-4 weights 56% of 64). This keeps what the model does get right from regressing
     (the first bundled model scored 44% / 19% on colour / background here, the session-2 weights
     put the object at chance).
     """
