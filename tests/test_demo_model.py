@@ -497,7 +497,7 @@ def test_guided_loss_trains_and_the_dataset_cache_gives_the_same_run(tmp_path, c
 
     from safetensors.torch import load_file
 
-    from tools.train_demo_model import main as train, parse_args
+    from tools.train_demo_model import main as train
 
     args = ["--smoke", "--quiet", "--prediction-type", "v_prediction", "--zero-terminal-snr",
             "--guided-loss", "1", "--guided-loss-max-t", "1000"]
@@ -523,14 +523,11 @@ def test_guided_loss_trains_and_the_dataset_cache_gives_the_same_run(tmp_path, c
     a, b = load_file(plain / name), load_file(own / name)
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
-    for bad, message in ((["--guided-loss", "-1"], "--guided-loss must be 0 or more, got -1.0"),
-                         (["--guided-loss-max-t", "0"], "--guided-loss-max-t must be between 1 and 1000"),
-                         (["--self-input-frac", "1.5"], "--self-input-frac must be between 0 and 1, got 1.5"),
-                         (["--self-input-gap", "0"], "--self-input-gap must be between 1 and 999"),
-                         (["--sampler-decoder-max-t", "10"], "--sampler-decoder-max-t must be between 49")):
-        with pytest.raises(SystemExit):
-            parse_args(bad)
-        assert message in capsys.readouterr().err
+    _assert_refused(capsys, (["--guided-loss", "-1"], "--guided-loss must be 0 or more, got -1.0"),
+                    (["--guided-loss-max-t", "0"], "--guided-loss-max-t must be between 1 and 1000"),
+                    (["--self-input-frac", "1.5"], "--self-input-frac must be between 0 and 1, got 1.5"),
+                    (["--self-input-gap", "0"], "--self-input-gap must be between 1 and 999"),
+                    (["--sampler-decoder-max-t", "10"], "--sampler-decoder-max-t must be between 49"))
 
 
 @pytest.mark.parametrize("prediction_type,zero_snr", [("v_prediction", True), ("epsilon", False)])
@@ -901,6 +898,16 @@ def test_second_cycles_repeat_from_each_others_end_on_their_own_scenes(tmp_path,
     assert "--second-cycles must be at least 1 (use --second-cycle-steps 0 for none), got 0" in capsys.readouterr().err
 
 
+def _assert_refused(capsys, *cases) -> None:
+    """Each (argv, message): the training script refuses argv, and its error names the option and value."""
+    from tools.train_demo_model import parse_args
+
+    for bad, message in cases:
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert message in capsys.readouterr().err, bad
+
+
 def _object_pixels(image: np.ndarray, background: str) -> np.ndarray:
     return np.abs(image.astype(int) - np.array(COLORS[background])).sum(axis=-1) > 60
 
@@ -958,7 +965,7 @@ def test_outline_stage_alone_trains_only_the_unet_reproducibly_and_refuses_bad_o
 
     from safetensors.torch import load_file
 
-    from tools.train_demo_model import main as train, parse_args
+    from tools.train_demo_model import main as train
 
     vpred = ["--smoke", "--quiet", "--prediction-type", "v_prediction", "--zero-terminal-snr"]
     first = train([*vpred, "--out", str(tmp_path / "a")])
@@ -975,14 +982,11 @@ def test_outline_stage_alone_trains_only_the_unet_reproducibly_and_refuses_bad_o
     manager = PipelineManager(AppConfig(model=str(outs[0]), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
     assert np.asarray(manager.txt2img(Txt2ImgRequest(prompt="a red square on a blue background", steps=2,
                                                      seed=1)).images[0]).shape == (64, 64, 3)
-    for bad, message in ((["--outline-t", "600,100"], "--outline-t must satisfy 0 <= MIN <= MAX <= 999, got '600,100'"),
-                         (["--outline-t", "150"], "--outline-t must be MIN,MAX"),
-                         (["--outline-exponents", "hexagon:2:3"], "'hexagon' is not one of circle, square, triangle"),
-                         (["--outline-exponents", "square:8:2.4"], "square needs 0 < LO <= HI, got 8:2.4"),
-                         (["--outline-exponents", "square-2-8"], "SHAPE:LO:HI entries"),
-                         (["--outline-lr", "0"], "--outline-lr must be a positive number, got 0.0"),
-                         (["--outline-ema", "1"], "--outline-ema must be in [0, 1), got 1.0"),
-                         (["--outline-weight", "-1"], "--outline-weight must be a positive number, got -1.0")):
-        with pytest.raises(SystemExit):
-            parse_args(bad)
-        assert message in capsys.readouterr().err, bad
+    _assert_refused(capsys, (["--outline-t", "600,100"], "--outline-t must satisfy 0 <= MIN <= MAX <= 999, got '600,100'"),
+                    (["--outline-t", "150"], "--outline-t must be MIN,MAX"),
+                    (["--outline-exponents", "hexagon:2:3"], "'hexagon' is not one of circle, square, triangle"),
+                    (["--outline-exponents", "square:8:2.4"], "square needs 0 < LO <= HI, got 8:2.4"),
+                    (["--outline-exponents", "square-2-8"], "SHAPE:LO:HI entries"),
+                    (["--outline-lr", "0"], "--outline-lr must be a positive number, got 0.0"),
+                    (["--outline-ema", "1"], "--outline-ema must be in [0, 1), got 1.0"),
+                    (["--outline-weight", "-1"], "--outline-weight must be a positive number, got -1.0"))

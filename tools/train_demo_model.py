@@ -193,6 +193,12 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+def token_ids(tokenizer: CLIPTokenizer, texts: list[str], device) -> torch.Tensor:
+    """Captions as the text encoder's input ids, padded to its full length as Stable Diffusion does."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
 def param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -344,10 +350,8 @@ def sampler_latent_pairs(vae: AutoencoderKL, unet: UNet2DConditionModel, text_en
                          f"schedule ({[int(t) for t in scheduler.timesteps]})")
 
     def embed(prompts):
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
         with autocast(args):
-            return text_encoder(ids)[0]
+            return text_encoder(token_ids(tokenizer, prompts, device))[0]
 
     latents, images = [], []
     scale = vae.config.scaling_factor
@@ -709,8 +713,7 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
     losses: list[torch.Tensor] = []
     guided_losses: list[torch.Tensor] = []
     guided_steps = 0
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                          return_tensors="pt").input_ids.to(device)
+    empty_ids = token_ids(tokenizer, [""], device)
     bar = tqdm(range(args.unet_steps), desc="unet+text", disable=args.quiet)
     for step in bar:
         lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps))
@@ -719,8 +722,7 @@ def train_diffusion(unet, text_encoder, tokenizer, latents, scenes, args, rng: r
         idx = torch.randint(0, len(scenes), (args.batch,), generator=gen)
         x0 = latents[idx.to(device)] * args.scaling_factor
         prompts = [caption(scenes[int(i)], rng, args.uncond_prob) for i in idx]
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
+        ids = token_ids(tokenizer, prompts, device)
         # Noise and timesteps come from the CPU generator on every device, so a GPU run
         # draws the same batches as a CPU run of the same command.
         noise = low_frequency_noise(x0.shape, gen, args.low_freq_noise).to(device)
@@ -921,10 +923,8 @@ def train_outline_pairs(unet, text_encoder, tokenizer, vae: AutoencoderKL, laten
     batch, scale, n_train = args.outline_batch, args.guided_loss_scale, scheduler.config.num_train_timesteps
 
     def embed(texts):
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
         with torch.no_grad(), autocast(args):
-            return text_encoder(ids)[0].float()
+            return text_encoder(token_ids(tokenizer, texts, device))[0].float()
 
     empty = embed([""])
     pair_losses, plain_losses = [], []
