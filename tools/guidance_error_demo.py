@@ -49,6 +49,8 @@ def guidance_error(folder: str | Path, n: int = 24, scale: float = 7.5, timestep
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from tools.train_demo_model import token_ids
+
     folder = Path(folder)
     vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
@@ -67,9 +69,7 @@ def guidance_error(folder: str | Path, n: int = 24, scale: float = 7.5, timestep
     z0 = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
 
     def embed(prompts):
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
-        return text_encoder(ids)[0]
+        return text_encoder(token_ids(tokenizer, prompts, "cpu"))[0]
 
     cond, uncond = embed([s.prompt for s in scenes]), embed([""] * n)
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
