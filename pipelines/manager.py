@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import AppConfig
+from .config import AppConfig, cpu_has_fast_bf16
 from .guard import Blocklist, OutputGuard, SafetyCheckerUnavailable, SafetyFilter, Watermarker, SAFETY_CHECKER_ID
 from .loading import (DEFAULT_MODEL, ModelLoadError, ModelSource, _fallback, load_pipeline, model_hash, own_weights,
                       resolve_model_source)
@@ -122,6 +122,11 @@ class PipelineManager:
         config = self.config
         device = config.resolve_device()
         dtype = config.resolve_dtype(device)
+        if device == "cpu" and dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+            log.warning("--dtype bf16: this CPU has no bfloat16 path in oneDNN (it needs AVX-512; torch reads "
+                        "this one as %s), so bf16 is emulated and generation runs many times slower than in fp32 "
+                        "(68x for the demo model on an AVX2 CPU); use --dtype auto or fp32 here",
+                        torch.backends.cpu.get_cpu_capability())
         source = resolve_model_source(config.model, offline=config.offline)
         try:
             pipe = load_pipeline(source, torch_dtype=dtype, config_dir=config.model_config, offline=config.offline)

@@ -90,6 +90,75 @@ def test_every_training_stage_draws_on_the_object_grid(tmp_path, monkeypatch):
     assert {grid for _, grid in grids} == {8}
 
 
+def _card_command(folder) -> list[str]:
+    """The training command a model card gives, as the script's arguments."""
+    import shlex
+
+    line = next(l for l in (folder / "README.md").read_text().splitlines()
+                if l.startswith("    python tools/train_demo_model.py "))
+    return shlex.split(line)[2:]
+
+
+def test_recipe_shipped_is_the_bundled_models_command_and_options_beside_it_win(monkeypatch, capsys):
+    import tools.train_demo_model as training
+
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: True)
+    card = _card_command(DEMO_MODEL_DIR)
+    assert "--outline-steps" in card and "--bf16" in card  # the card is the shipped run's, not a default one
+    by_card, by_recipe = vars(training.parse_args(card)), vars(training.parse_args(["--recipe", "shipped"]))
+    for name in ("argv", "recipe"):
+        by_card.pop(name), by_recipe.pop(name)
+    assert by_recipe == by_card
+    # Options beside the recipe override it, in either spelling and position.
+    for argv in (["--recipe", "shipped", "--outline-steps", "0", "--no-bf16"],
+                 ["--no-bf16", "--outline-steps", "0", "--recipe=shipped"]):
+        args = training.parse_args(argv)
+        assert (args.outline_steps, args.bf16, args.unet_steps, args.lowres_size) == (0, False, 1800, 128)
+    assert training.parse_args([]).unet_steps != 1800  # the defaults stay the script's own
+    with pytest.raises(SystemExit):
+        training.parse_args(["--recipe", "fastest"])
+    assert "--recipe: unknown recipe 'fastest'; choose from shipped" in capsys.readouterr().err
+
+
+def test_bf16_is_refused_where_the_cpu_would_only_emulate_it(monkeypatch, capsys):
+    """On a CPU without native bfloat16 (an AVX2-only EPYC here) bf16 autocast ran a VAE step ten
+    times slower than float32: a run that fits two hours would take most of a day. Say so at
+    once, with the option that fixes it, rather than after hours."""
+    import tools.train_demo_model as training
+
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: False)
+    for argv in (["--bf16"], ["--recipe", "shipped"]):
+        with pytest.raises(SystemExit):
+            training.parse_args(argv)
+        err = capsys.readouterr().err
+        assert "--bf16: this CPU has no bfloat16 path in oneDNN" in err and "add --no-bf16" in err
+    assert training.parse_args(["--recipe", "shipped", "--no-bf16"]).bf16 is False
+    assert training.parse_args(["--bf16", "--smoke"]).bf16 is True  # a few steps: emulation costs nothing there
+    assert training.parse_args(["--bf16", "--device", "cuda"]).bf16 is True  # not the CPU's to judge
+    monkeypatch.setattr(training, "cpu_has_fast_bf16", lambda: True)
+    assert training.parse_args(["--bf16"]).bf16 is True
+
+
+def test_the_shipped_recipe_trains_end_to_end_in_smoke_mode_and_the_card_spells_it_out(tmp_path):
+    """Every stage the shipped run uses (text pretraining, the 128 px stage, the second cycle,
+    stages 3 and 4, checkpoints), through the same code at smoke size; the card gives the
+    recipe's options written out, so it reproduces without this version's RECIPES table."""
+    import shlex
+
+    import tools.train_demo_model as training
+
+    out = training.main(["--recipe", "shipped", "--smoke", "--quiet", "--out", str(tmp_path / "demo")])
+    argv = _card_command(out)
+    assert "--recipe" not in argv
+    assert argv == shlex.split(training.RECIPES["shipped"]) + ["--smoke", "--quiet", "--out", str(tmp_path / "demo")]
+    stats = json.loads((out / "training.json").read_text())["stats"]
+    assert {"text_pretrain_heldout_shape", "vae_heldout_l1_uint8"} <= set(stats), sorted(stats)
+    assert any("outline" in k for k in stats), sorted(stats)
+    manager = PipelineManager(AppConfig(model=str(out), output_dir=tmp_path / "o", device="cpu", safety_checker=False))
+    config = manager.pipe.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr) == ("v_prediction", True)
+
+
 def test_smoke_training_writes_a_model_the_studio_loads(tmp_path):
     from tools.train_demo_model import main as train
 
@@ -451,6 +520,22 @@ def test_unet_width_benchmark_reports_ratios_to_the_first_width():
     assert base["ratio"] == 1.0 and wide["ratio"] > 0
     assert wide["unet_params"] > base["unet_params"]  # only the first level grew
     assert wide["seconds_per_image"] > report["vae_decode_s"] > 0
+
+
+def test_training_precision_benchmark_reports_bf16_as_a_ratio_to_float32(capsys):
+    from pipelines.config import cpu_has_fast_bf16
+    from tools.bench_train_precision import main as bench
+
+    report = bench(["--size", "64", "--batch", "2", "--vae-crop", "32", "--vae-batch", "2", "--repeats", "1",
+                    "--threads", "1"])
+    assert report["native_bf16"] is cpu_has_fast_bf16()
+    assert set(report["steps"]) == {"vae", "unet"}
+    for step in report["steps"].values():
+        assert step["fp32_s"] > 0 and step["bf16_s"] > 0
+        assert step["bf16_over_fp32"] == pytest.approx(step["bf16_s"] / step["fp32_s"], rel=0.05)
+    with pytest.raises(SystemExit):
+        bench(["--size", "100"])
+    assert "--size must be a multiple of 64, got 100" in capsys.readouterr().err
 
 
 def test_logit_normal_timesteps_weight_middle_noise_and_bad_values_are_refused(capsys):

@@ -124,3 +124,23 @@ def test_default_model_falls_back_to_the_demo_model_offline(monkeypatch, tmp_pat
     assert manager.info.source.is_demo
     assert "could not be loaded" in manager.info.source.note
     assert any("bundled demo model" in line for line in manager.notices())
+
+
+def test_bf16_on_a_cpu_that_only_emulates_it_warns_with_the_fix(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """--dtype bf16 made the demo model 68x slower on an AVX2 CPU (tools/bench.py, speed section):
+    the log says why and what to pass instead; the model still loads as asked."""
+    import logging
+
+    import pipelines.manager as manager_module
+
+    for fast, dtype, warned in ((False, "bf16", True), (True, "bf16", False), (False, "fp32", False)):
+        monkeypatch.setattr(manager_module, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipelines.manager"):
+            manager = PipelineManager(AppConfig(model=str(tiny_model_dir), output_dir=tmp_path, device="cpu",
+                                                dtype=dtype, safety_checker=False))
+            unet_dtype = manager.pipe.unet.dtype
+        text = " ".join(r.getMessage() for r in caplog.records)
+        assert ("--dtype bf16: this CPU has no bfloat16 path" in text and "use --dtype auto or fp32" in text) == warned, (
+            fast, dtype, text)
+        assert unet_dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)

@@ -17,7 +17,7 @@ square) paired with the prompt's true shape in the same box (``--outline-steps``
 The result is a diffusers folder loaded by exactly the code path that loads Stable
 Diffusion. Seeded and reproducible on the same machine and library versions.
 
-    python tools/train_demo_model.py                 # full run, writes assets/demo-model
+    python tools/train_demo_model.py --recipe shipped   # the bundled weights' run, writes assets/demo-model
     python tools/train_demo_model.py --smoke --out /tmp/demo   # same code, seconds
 """
 
@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
+from pipelines.config import cpu_has_fast_bf16  # noqa: E402
 from pipelines.loading import own_weights  # noqa: E402
 from pipelines.tokenizer_files import write_clip_tokenizer  # noqa: E402
 from tools.demo_world import SHAPES, VOCABULARY, Scene, object_box, random_scene, render, render_box, snap_to_grid  # noqa: E402
@@ -1124,8 +1125,49 @@ def parse_outline_options(p: argparse.ArgumentParser, t_range: str, exponents: s
     return (tmin, tmax), ranges
 
 
+# Named recipes: the options of a documented run, applied as defaults so that any option given
+# beside ``--recipe`` still wins. ``shipped`` is the command in assets/demo-model/README.md, the
+# one that made the bundled weights (tests/test_demo_model.py holds the two equal).
+RECIPES = {
+    "shipped": (
+        "--seed 0 --bf16 --vae-steps 1200 --decoder-steps 800 --dataset 6000 --batch 24 --unet-steps 1800 "
+        "--second-cycle-steps 500 --second-cycles 1 --second-cycle-lr 2e-4 --second-cycle-dataset 4000 "
+        "--lr 5e-4 --ema 0.999 --prediction-type v_prediction --zero-terminal-snr --downsample-padding 0 "
+        "--unet-first-channels 64 --low-freq-noise 0,0,0 --high-noise-frac 0 --guided-loss 1 "
+        "--guided-loss-max-t 500 --guided-loss-from 0.5 --sampler-decoder-steps 400 "
+        "--sampler-decoder-pairs 800 --threads 2 --checkpoint-every 600 --text-pretrain-steps 1200 "
+        "--freeze-text-encoder --lowres-steps 1200 --lowres-batch 48 --lowres-size 128 "
+        "--lowres-dataset 12000 --text-time-embedding --first-level-layers 2 --outline-steps 800"
+    ),
+}
+
+
+def expand_recipe(argv: list[str]) -> list[str]:
+    """``argv`` with ``--recipe NAME`` replaced by the recipe's options, placed first so that the
+    options given beside it override them (argparse keeps the last value of an option)."""
+    rest, recipe, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--recipe" and i + 1 < len(argv):
+            recipe, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--recipe="):
+            recipe = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    if recipe is None:
+        return list(argv)
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe: unknown recipe {recipe!r}; choose from {', '.join(sorted(RECIPES))}")
+    return shlex.split(RECIPES[recipe]) + rest
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="start from a documented run's options (shipped: the bundled weights' command, "
+                   "about 130 minutes on a 2-core CPU with AVX512-BF16); options given beside it override it")
     p.add_argument("--out", default=str(ROOT / "assets" / "demo-model"), help="output diffusers folder")
     p.add_argument("--size", type=int, default=256, help="native image size in pixels")
     p.add_argument("--seed", type=int, default=0)
@@ -1254,7 +1296,18 @@ def parse_args(argv=None):
                    "with the same encoder, seed and dataset size")
     p.add_argument("--smoke", action="store_true", help="same code, a few steps: for CI")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = expand_recipe(argv)
+    except ValueError as err:
+        p.error(str(err))
     args = p.parse_args(argv)
+    args.argv = argv
+    if args.bf16 and torch.device(args.device).type == "cpu" and not args.smoke and not cpu_has_fast_bf16():
+        p.error(f"--bf16: this CPU has no bfloat16 path in oneDNN (it needs AVX-512; torch reads this one as "
+                f"{torch.backends.cpu.get_cpu_capability()}), so bf16 autocast is emulated and a step runs "
+                "several times slower than in float32; add --no-bf16 to train in float32 (its weights "
+                "differ from a bf16 run's), or run on a CPU with AVX-512 BF16 or AMX, or a GPU")
     try:
         args.low_freq_noise = tuple(float(v) for v in str(args.low_freq_noise).split(",") if v.strip())
     except ValueError:
@@ -1361,7 +1414,8 @@ def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet, args) -> Non
 def main(argv=None) -> Path:
     args = parse_args(argv)
     # The command exactly as given, for the model card (every option, not a summary of them).
-    args.command = "python tools/train_demo_model.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    # A --recipe is written out as its options, so the card's command does not depend on RECIPES.
+    args.command = "python tools/train_demo_model.py " + shlex.join(args.argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
