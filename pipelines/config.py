@@ -117,8 +117,8 @@ class AppConfig:
 def cpu_has_fast_bf16() -> bool:
     """Whether oneDNN has a bfloat16 path on this CPU (on x86 it needs AVX-512, and runs bf16
     natively with AVX512-BF16 or AMX). Without one, bf16 on the CPU is emulated: on a 2-core
-    AVX2 EPYC a training step of the demo VAE took 5.6 s under bf16 autocast against 0.60 s in
-    float32 (docs/demo-model-experiments.md, session 30)."""
+    AVX2 EPYC bf16 autocast made a demo VAE training step 11.9x and a UNet step 17.7x slower
+    than float32 (tools/bench_train_precision.py; docs/demo-model-experiments.md, session 30)."""
     import torch
 
     try:

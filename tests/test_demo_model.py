@@ -115,13 +115,14 @@ def test_recipe_shipped_is_the_bundled_models_command_and_options_beside_it_win(
     assert by_recipe == by_card
     # Options beside the recipe override it, in either spelling and position.
     for argv in (["--recipe", "shipped", "--outline-steps", "0", "--no-bf16"],
-                 ["--no-bf16", "--outline-steps", "0", "--recipe=shipped"]):
+                 ["--no-bf16", "--outline-steps", "0", "--recipe=shipped"],
+                 ["--rec", "shipped", "--outline-steps", "0", "--no-bf16"]):  # argparse's abbreviation too
         args = training.parse_args(argv)
         assert (args.outline_steps, args.bf16, args.unet_steps, args.lowres_size) == (0, False, 1800, 128)
     assert training.parse_args([]).unet_steps != 1800  # the defaults stay the script's own
     with pytest.raises(SystemExit):
         training.parse_args(["--recipe", "fastest"])
-    assert "--recipe: unknown recipe 'fastest'; choose from shipped" in capsys.readouterr().err
+    assert "argument --recipe: invalid choice: 'fastest' (choose from 'shipped')" in capsys.readouterr().err
 
 
 def test_bf16_is_refused_where_the_cpu_would_only_emulate_it(monkeypatch, capsys):
@@ -153,8 +154,12 @@ def test_the_shipped_recipe_trains_end_to_end_in_smoke_mode_and_the_card_spells_
 
     out = training.main(["--recipe", "shipped", "--smoke", "--quiet", "--out", str(tmp_path / "demo")])
     argv = _card_command(out)
-    assert "--recipe" not in argv
-    assert argv == shlex.split(training.RECIPES["shipped"]) + ["--smoke", "--quiet", "--out", str(tmp_path / "demo")]
+    given = ["--recipe", "shipped", "--smoke", "--quiet", "--out", str(tmp_path / "demo")]
+    assert argv == shlex.split(training.RECIPES["shipped"]) + given
+    # Without the recipe table the written-out options alone give the same run.
+    written_out = vars(training.parse_args(argv[:-len(given)] + given[2:]))
+    assert {k: v for k, v in written_out.items() if k not in ("argv", "recipe")} == {
+        k: v for k, v in vars(training.parse_args(given)).items() if k not in ("argv", "recipe")}
     stats = json.loads((out / "training.json").read_text())["stats"]
     assert {"text_pretrain_heldout_shape", "vae_heldout_l1_uint8"} <= set(stats), sorted(stats)
     assert any("outline" in k for k in stats), sorted(stats)

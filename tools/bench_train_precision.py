@@ -30,8 +30,7 @@ if str(ROOT) not in sys.path:
 from tools.train_demo_model import build_unet, build_vae, cpu_has_fast_bf16  # noqa: E402
 
 
-def step_seconds(model, batch, loss_fn, bf16: bool) -> float:
-    opt = model._bench_opt
+def step_seconds(model, opt, batch, loss_fn, bf16: bool) -> float:
     start = time.perf_counter()
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
         out = loss_fn(model, batch)
@@ -70,22 +69,22 @@ def main(argv: list[str] | None = None) -> dict:
     # The recipe's UNet: 64 channels at the first level (two layers there), text-time embedding.
     unet = build_unet(args.size, 3, 0, 64, False, True, 2).train()
     vae = build_vae(args.size).train()
-    for model in (unet, vae):
-        model._bench_opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     side = args.size // 8
-    cases = {
-        "vae": (vae, torch.rand(args.vae_batch, 3, args.vae_crop, args.vae_crop) * 2 - 1, vae_loss),
-        "unet": (unet, (torch.randn(args.batch, 4, side, side), torch.randint(0, 1000, (args.batch,)),
-                        torch.randn(args.batch, 77, unet.config.cross_attention_dim)), unet_loss),
+    images = torch.rand(args.vae_batch, 3, args.vae_crop, args.vae_crop) * 2 - 1
+    unet_batch = (torch.randn(args.batch, 4, side, side), torch.randint(0, 1000, (args.batch,)),
+                  torch.randn(args.batch, 77, unet.config.cross_attention_dim))
+    cases = {  # name: (model, optimiser, batch, loss)
+        "vae": (vae, torch.optim.AdamW(vae.parameters(), lr=1e-5), images, vae_loss),
+        "unet": (unet, torch.optim.AdamW(unet.parameters(), lr=1e-5), unet_batch, unet_loss),
     }
     times = {(name, bf16): [] for name in cases for bf16 in (False, True)}
-    for name, (model, batch, loss_fn) in cases.items():  # warm-up, both precisions
+    for case in cases.values():  # warm-up, both precisions
         for bf16 in (False, True):
-            step_seconds(model, batch, loss_fn, bf16)
+            step_seconds(*case, bf16)
     for _ in range(args.repeats):
-        for name, (model, batch, loss_fn) in cases.items():
+        for name, case in cases.items():
             for bf16 in (False, True):  # interleaved, so machine noise falls on both alike
-                times[(name, bf16)].append(step_seconds(model, batch, loss_fn, bf16))
+                times[(name, bf16)].append(step_seconds(*case, bf16))
     report = {"threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "native_bf16": cpu_has_fast_bf16(), "steps": {}}
     for name in cases:

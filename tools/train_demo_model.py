@@ -1125,9 +1125,10 @@ def parse_outline_options(p: argparse.ArgumentParser, t_range: str, exponents: s
     return (tmin, tmax), ranges
 
 
-# Named recipes: the options of a documented run, applied as defaults so that any option given
-# beside ``--recipe`` still wins. ``shipped`` is the command in assets/demo-model/README.md, the
-# one that made the bundled weights (tests/test_demo_model.py holds the two equal).
+# Named recipes: the options of a documented run, applied as the parser's defaults so that any
+# option given beside ``--recipe`` still wins. ``shipped`` is the base run of the bundled weights,
+# the first command in assets/demo-model/README.md (the weights are it plus 800 more stage-4
+# steps, the card's second command; tests/test_demo_model.py holds the recipe to the record).
 RECIPES = {
     "shipped": (
         "--seed 0 --bf16 --vae-steps 1200 --decoder-steps 800 --dataset 6000 --batch 24 --unet-steps 1800 "
@@ -1142,31 +1143,10 @@ RECIPES = {
 }
 
 
-def expand_recipe(argv: list[str]) -> list[str]:
-    """``argv`` with ``--recipe NAME`` replaced by the recipe's options, placed first so that the
-    options given beside it override them (argparse keeps the last value of an option)."""
-    rest, recipe, i = [], None, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--recipe" and i + 1 < len(argv):
-            recipe, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith("--recipe="):
-            recipe = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-        i += 1
-    if recipe is None:
-        return list(argv)
-    if recipe not in RECIPES:
-        raise ValueError(f"--recipe: unknown recipe {recipe!r}; choose from {', '.join(sorted(RECIPES))}")
-    return shlex.split(RECIPES[recipe]) + rest
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES),
-                   help="start from a documented run's options (shipped: the bundled weights' command, "
+                   help="start from a documented run's options (shipped: the bundled weights' base run, "
                    "about 130 minutes on a 2-core CPU with AVX512-BF16); options given beside it override it")
     p.add_argument("--out", default=str(ROOT / "assets" / "demo-model"), help="output diffusers folder")
     p.add_argument("--size", type=int, default=256, help="native image size in pixels")
@@ -1297,10 +1277,11 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="same code, a few steps: for CI")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        argv = expand_recipe(argv)
-    except ValueError as err:
-        p.error(str(err))
+    recipe = p.parse_known_args(argv)[0].recipe  # argparse's own reading: --recipe=X, abbreviations, checks
+    if recipe:
+        recipe_argv = shlex.split(RECIPES[recipe])
+        p.set_defaults(**vars(p.parse_args(recipe_argv)))
+        argv = recipe_argv + argv  # written out for the card: the same options without the RECIPES table
     args = p.parse_args(argv)
     args.argv = argv
     if args.bf16 and torch.device(args.device).type == "cpu" and not args.smoke and not cpu_has_fast_bf16():
