@@ -12,7 +12,7 @@ import torch
 from pipelines.config import AppConfig, DEMO_MODEL_DIR
 from pipelines.manager import PipelineManager
 from pipelines.requests import Txt2ImgRequest
-from tools.demo_world import COLORS, POSITIONS, SHAPES, Scene, analyze, render
+from tools.demo_world import COLORS, POSITIONS, SHAPES, Scene, analyze, random_scene, render
 
 
 def test_grader_reads_rendered_scenes_exactly():
@@ -1024,32 +1024,72 @@ def test_superellipse_runs_from_the_disc_to_the_square_in_the_same_box():
         render_box(scene, 256, 0.4, 0.5, 0.5, exponent=0.0)
 
 
-def test_outline_pairs_pair_an_in_between_blob_with_the_prompts_shape_in_the_same_box():
-    from tools.train_demo_model import outline_pair_images
+def _blended_subpixels(scene, size, extent, cx, cy, supersample=2, exponent=None):
+    """render_box as first written: every subpixel coloured fg or bg, then averaged."""
+    half, n = extent / 2, size * supersample
+    coords = (np.arange(n, dtype=np.float32) + 0.5) / n
+    x, y = coords[None, :], coords[:, None]
+    if exponent is not None:
+        with np.errstate(over="ignore"):
+            mask = (np.abs(x - cx) / half) ** exponent + (np.abs(y - cy) / half) ** exponent <= 1
+    elif scene.shape == "circle":
+        mask = (x - cx) ** 2 + (y - cy) ** 2 <= half**2
+    elif scene.shape == "square":
+        mask = (np.abs(x - cx) <= half) & (np.abs(y - cy) <= half)
+    else:
+        depth = (y - (cy - half)) / extent
+        mask = (depth >= 0) & (depth <= 1) & (np.abs(x - cx) <= depth * half)
+    img = np.where(mask[..., None], np.array(COLORS[scene.color], np.float32),
+                   np.array(COLORS[scene.background], np.float32))
+    img = img.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
-    ranges = {"square": (2.4, 8.0), "circle": (1.6, 2.2)}
-    blurred, true, scenes = outline_pair_images(random.Random(3), 40, 128, ranges)
-    assert {s.shape for s in scenes} == {"square", "circle"}
-    for blob, target, scene in zip(blurred, true, scenes):
-        got = analyze(target)
-        assert (got.color, got.shape, got.background) == (scene.color, scene.shape, scene.background), scene
-        if scene.position:
-            assert got.position == scene.position
-        mask_t, mask_b = _object_pixels(target, scene.background), _object_pixels(blob, scene.background)
-        rows_t, cols_t = np.nonzero(mask_t.any(1))[0], np.nonzero(mask_t.any(0))[0]
-        rows_b, cols_b = np.nonzero(mask_b.any(1))[0], np.nonzero(mask_b.any(0))[0]
-        # Same box (to a pixel), same colours, and a blob strictly between a disc and a square.
-        for a, b in ((rows_t, rows_b), (cols_t, cols_b)):
-            assert abs(a[0] - b[0]) <= 1 and abs(a[-1] - b[-1]) <= 1, scene
-        box_area = (rows_t[-1] - rows_t[0] + 1) * (cols_t[-1] - cols_t[0] + 1)
-        fill = mask_b.sum() / box_area
-        if scene.shape == "square":
-            assert 0.80 < fill < 0.99 and mask_b.sum() < mask_t.sum(), (scene, fill)
-        else:
-            assert 0.70 < fill < 0.83, (scene, fill)
-    # Seeded: the same RNG gives the same pairs.
-    again = outline_pair_images(random.Random(3), 40, 128, ranges)
-    assert all(np.array_equal(a, b) for a, b in zip(blurred + true, again[0] + again[1]))
+
+def test_render_box_is_bit_for_bit_the_subpixel_average_and_its_window_the_crop():
+    """The coverage blend gives exactly the pixels of averaging blended subpixels (so data drawn
+    before the change is the data drawn now), and a window gives exactly the crop of the full
+    image, for every shape, superellipses, sizes and supersampling factors."""
+    from tools.demo_world import object_box, random_scene, render_box
+
+    rng = random.Random(3)
+    for _ in range(60):
+        scene = random_scene(rng)
+        box = object_box(scene, rng)
+        size, ss, exponent = rng.choice([128, 256]), rng.choice([2, 3, 4]), rng.choice([None, None, 1.8, 3.0])
+        full = render_box(scene, size, *box, supersample=ss, exponent=exponent)
+        assert np.array_equal(full, _blended_subpixels(scene, size, *box, supersample=ss, exponent=exponent))
+        top, left = rng.randrange(size - 96 + 1), rng.randrange(size - 96 + 1)
+        part = render_box(scene, size, *box, supersample=ss, exponent=exponent, window=(top, left, 96, 40))
+        assert np.array_equal(part, full[top : top + 96, left : left + 40])
+    for bad in [(-1, 0, 96, 96), (200, 0, 96, 96), (0, 0, 0, 96), (0, 250, 10, 10)]:
+        with pytest.raises(ValueError, match=r"window: .* is not inside a 256 x 256 image"):
+            render_box(Scene("red", "square", "blue", None), 256, 0.4, 0.5, 0.5, window=bad)
+
+
+def test_vae_stage_crops_are_the_crops_of_the_full_images_it_used_to_draw(monkeypatch):
+    """train_vae draws only the crop; its random draws and pixels are those of rendering the
+    whole image and then cropping it, so a seed gives the same VAE training data as before."""
+    import tools.train_demo_model as tdm
+
+    class Drawn(Exception):
+        pass
+
+    def capture(images):
+        raise Drawn(images)
+
+    monkeypatch.setattr(tdm, "to_tensor", capture)
+    for grid in ("0", "8"):
+        args = tdm.parse_args(["--vae-steps", "1", "--vae-batch", "6", "--object-grid", grid, "--quiet"])
+        with pytest.raises(Drawn) as drawn:
+            tdm.train_vae(tdm.build_vae(256), args, random.Random(11))
+        old_rng = random.Random(11)
+        expected = []
+        for _ in range(6):
+            full = render(random_scene(old_rng), 256, old_rng, grid=int(grid))
+            y, x = old_rng.randrange(256 - 96 + 1), old_rng.randrange(256 - 96 + 1)
+            expected.append(full[y : y + 96, x : x + 96])
+        got = drawn.value.args[0]
+        assert len(got) == 6 and all(np.array_equal(a, b) for a, b in zip(got, expected))
 
 
 def test_outline_stage_alone_trains_only_the_unet_reproducibly_and_refuses_bad_options(tmp_path, capsys):

@@ -219,9 +219,12 @@ def train_vae(vae: AutoencoderKL, args, rng: random.Random) -> dict:
         set_cosine_lr(opt, args.vae_lr, step, args.vae_steps)
         images = []
         for _ in range(args.vae_batch):
-            img = render(random_scene(rng), args.size, rng, grid=args.object_grid)
+            # The draws of render() and then the crop's corner, in that order, with only the
+            # crop drawn: the same pixels as cropping the full image.
+            scene = random_scene(rng)
+            box = object_box(scene, rng, args.size, args.object_grid)
             y, x = rng.randrange(args.size - crop + 1), rng.randrange(args.size - crop + 1)
-            images.append(img[y : y + crop, x : x + crop])
+            images.append(render_box(scene, args.size, *box, window=(y, x, crop, crop)))
         batch = to_tensor(images)
         with autocast(args):
             posterior = vae.encode(batch).latent_dist
