@@ -82,7 +82,14 @@ def test_every_training_stage_draws_on_the_object_grid(tmp_path, monkeypatch):
         grids.append((size, grid))
         return render(scene, size, rng, supersample, grid)
 
+    def recording_box(scene, rng, size=256, grid=0):  # the VAE stage's crops: their box, then render_box
+        grids.append((size, grid))
+        return object_box(scene, rng, size, grid)
+
+    from tools.demo_world import object_box
+
     monkeypatch.setattr(training, "render", recording_render)
+    monkeypatch.setattr(training, "object_box", recording_box)
     training.main(["--smoke", "--quiet", "--object-grid", "8", "--lowres-steps", "1", "--second-cycle-steps", "1",
                    "--out", str(tmp_path / "demo")])
     # VAE, decoder, text pretraining data, both UNet sizes, the second cycle and stage 3's pairs.
