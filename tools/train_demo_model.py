@@ -1128,7 +1128,7 @@ def parse_outline_options(p: argparse.ArgumentParser, t_range: str, exponents: s
     return (tmin, tmax), ranges
 
 
-# Named recipes: the options of a documented run, applied as the parser's defaults so that any
+# Named recipes: the options of a documented run, read before the command's own so that any
 # option given beside ``--recipe`` still wins. ``shipped`` is the base run of the bundled weights,
 # the first command in assets/demo-model/README.md (the weights are it plus 800 more stage-4
 # steps, the card's second command; tests/test_demo_model.py holds the recipe to the record).
@@ -1282,9 +1282,9 @@ def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     recipe = p.parse_known_args(argv)[0].recipe  # argparse's own reading: --recipe=X, abbreviations, checks
     if recipe:
-        recipe_argv = shlex.split(RECIPES[recipe])
-        p.set_defaults(**vars(p.parse_args(recipe_argv)))
-        argv = recipe_argv + argv  # written out for the card: the same options without the RECIPES table
+        # The recipe's options first, so that those given beside it win (argparse keeps an
+        # option's last value); kept written out for the card, which then needs no RECIPES table.
+        argv = shlex.split(RECIPES[recipe]) + argv
     args = p.parse_args(argv)
     args.argv = argv
     if args.bf16 and torch.device(args.device).type == "cpu" and not args.smoke and not cpu_has_fast_bf16():
