@@ -906,13 +906,18 @@ def test_pretrained_text_encoder_stays_frozen_and_bf16_runs_save_float32(tmp_pat
     for bad, message in ((["--guided-loss-from", "1"], "--guided-loss-from must be a fraction of the UNet steps in [0, 1), got 1.0"),
                          (["--text-pretrain-steps", "-1"], "--text-pretrain-steps must be 0 or more, got -1"),
                          (["--checkpoint-every", "-5"], "--checkpoint-every must be 0 or more, got -5"),
-                         (["--text-pretrain-batch", "1"], "--text-pretrain-batch must be at least 2"),
+                         (["--text-pretrain-batch", "1"],
+                          "--text-pretrain-batch must be at least 2 for --text-pretrain-objective contrastive"),
+                         (["--text-pretrain-batch", "0", "--text-pretrain-objective", "attributes"],
+                          "--text-pretrain-batch must be at least 1, got 0"),
                          (["--lowres-steps", "10", "--lowres-size", "96"],
                           "--lowres-size must be a multiple of 64 below --size 256, got 96"),
                          (["--lowres-steps", "-1"], "--lowres-steps must be 0 or more, got -1")):
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert message in capsys.readouterr().err
+    # Only the contrastive loss needs two captions a batch; the attribute heads read one.
+    assert parse_args(["--text-pretrain-batch", "1", "--text-pretrain-objective", "attributes"]).text_pretrain_batch == 1
 
 
 def test_guided_loss_from_starts_the_term_partway_through_stage_2(tmp_path):
