@@ -907,9 +907,9 @@ def test_pretrained_text_encoder_stays_frozen_and_bf16_runs_save_float32(tmp_pat
                          (["--text-pretrain-steps", "-1"], "--text-pretrain-steps must be 0 or more, got -1"),
                          (["--checkpoint-every", "-5"], "--checkpoint-every must be 0 or more, got -5"),
                          (["--text-pretrain-batch", "1"],
-                          "--text-pretrain-batch must be at least 2 for --text-pretrain-objective contrastive"),
+                          "--text-pretrain-batch must be at least 2 for --text-pretrain-objective contrastive, got 1"),
                          (["--text-pretrain-batch", "0", "--text-pretrain-objective", "attributes"],
-                          "--text-pretrain-batch must be at least 1, got 0"),
+                          "--text-pretrain-batch must be at least 1 for --text-pretrain-objective attributes, got 0"),
                          (["--lowres-steps", "10", "--lowres-size", "96"],
                           "--lowres-size must be a multiple of 64 below --size 256, got 96"),
                          (["--lowres-steps", "-1"], "--lowres-steps must be 0 or more, got -1")):

@@ -1411,11 +1411,11 @@ def parse_args(argv=None):
         p.error(f"--outline-weight must be a positive number, got {args.outline_weight}")
     if not 0 <= args.outline_ema < 1:
         p.error(f"--outline-ema must be in [0, 1), got {args.outline_ema}")
-    if args.text_pretrain_objective == "contrastive" and args.text_pretrain_batch < 2:
-        p.error(f"--text-pretrain-batch must be at least 2 for --text-pretrain-objective contrastive "
-                f"(the loss contrasts captions within a batch), got {args.text_pretrain_batch}")
-    if args.text_pretrain_batch < 1:
-        p.error(f"--text-pretrain-batch must be at least 1, got {args.text_pretrain_batch}")
+    # The contrastive loss compares the captions of a batch with each other; the attribute heads read one.
+    least = 2 if args.text_pretrain_objective == "contrastive" else 1
+    if args.text_pretrain_batch < least:
+        p.error(f"--text-pretrain-batch must be at least {least} for --text-pretrain-objective "
+                f"{args.text_pretrain_objective}, got {args.text_pretrain_batch}")
     if not 1 <= args.guided_loss_max_t <= 1000:
         p.error(f"--guided-loss-max-t must be between 1 and 1000 (training timesteps), got {args.guided_loss_max_t}")
     try:
